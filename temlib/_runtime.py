@@ -1,0 +1,110 @@
+"""Offline safety and thread settings, applied once when temlib is imported.
+
+Nothing in temlib may touch the network. The third-party packages that would
+(ultralytics checks DNS, downloads Arial.ttf for plots and writes settings to
+``~``; Keras picks a backend from the environment) are configured here, before
+any of them is imported:
+
+- ``YOLO_OFFLINE=1`` and ``YOLO_CONFIG_DIR`` inside the project (``.cache/ultralytics``),
+  with matplotlib's DejaVuSans.ttf copied there as ``Arial.ttf`` and
+  ``Arial.Unicode.ttf`` so ultralytics never downloads a font;
+- ``KERAS_BACKEND=tensorflow``;
+- ``HF_HUB_OFFLINE=1`` for anything that would reach a model hub;
+- explicit thread counts (``OMP_NUM_THREADS``, TensorFlow intra/inter-op, torch),
+  ``TEMLIB_THREADS`` overriding the default of all cores.
+
+Existing environment values are respected (``setdefault``), so a user can still
+choose otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from . import paths
+
+
+def n_threads() -> int:
+    """Threads temlib gives numerical libraries (``$TEMLIB_THREADS`` or all cores)."""
+    env = os.environ.get("TEMLIB_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _ultralytics_dir() -> Path:
+    d = paths.cache_dir() / "ultralytics"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only checkout: fall back to a private temp folder
+        import tempfile
+
+        d = Path(tempfile.gettempdir()) / "temlib-ultralytics"
+        d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _install_fonts(folder: Path) -> None:
+    """Put a local TTF where ultralytics looks, so it never downloads Arial."""
+    try:
+        import matplotlib
+
+        src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    except Exception:  # matplotlib missing: ultralytics would be missing too
+        return
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        dst = folder / name
+        if not dst.exists() and src.exists():
+            shutil.copyfile(src, dst)
+
+
+def apply() -> None:
+    """Set the offline and threading environment (idempotent)."""
+    threads = str(n_threads())
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    os.environ.setdefault("MKL_NUM_THREADS", threads)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", threads)
+    os.environ.setdefault("NUMBA_NUM_THREADS", threads)
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", threads)
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    if "YOLO_CONFIG_DIR" not in os.environ:
+        os.environ["YOLO_CONFIG_DIR"] = str(_ultralytics_dir())
+    _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]))
+
+
+def ultralytics():
+    """Import ultralytics configured for offline, in-project use and return the module.
+
+    Settings (runs, weights, datasets folders) point inside the project, sync is
+    off, and torch gets ``n_threads()`` threads (ultralytics would take cores - 1).
+    """
+    apply()
+    import torch
+    import ultralytics as ul
+
+    ul.settings.update(
+        {
+            "sync": False,
+            "datasets_dir": str(paths.data_dir("external")),
+            "weights_dir": str(paths.data_dir("models")),
+            "runs_dir": str(paths.cache_dir() / "runs"),
+        }
+    )
+    torch.set_num_threads(n_threads())
+    return ul
+
+
+def keras():
+    """Import keras on the TensorFlow backend with temlib's thread settings."""
+    apply()
+    import keras as k
+
+    return k
