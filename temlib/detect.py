@@ -1,0 +1,946 @@
+"""YOLO defect detection: datasets, training, export and inference (cavities, in-situ defects).
+
+A thin, offline layer over ultralytics for grey TEM images:
+
+- :func:`write_yolo_dataset` writes images + labels + dataset yaml (``channels: 1``);
+- :func:`train` trains a YOLO model from scratch (no pretrained weights, nothing downloaded)
+  and saves ``best.pt`` with a ``metadata.json`` (classes, image size, nm/px, data);
+- :func:`export` exports it for fast CPU inference (OpenVINO, ONNX as fallback);
+- :func:`load_detector` returns a :class:`Detector` whose ``predict`` takes grey or RGB,
+  8-bit, 16-bit or float frames of any size, optionally tiled, and returns boxes in pixels;
+- :func:`match` scores predictions against truth (Hungarian matching on IoU).
+
+Box formats (pixels, x = column, y = row, origin at the top-left corner of the image):
+
+- *labels*: ``(K, 5)`` rows ``[class, x1, y1, x2, y2]`` (what datasets are written from);
+- *predictions*: ``(K, 6)`` rows ``[x1, y1, x2, y2, conf, class]`` (ultralytics' order).
+
+Default models live in ``data/models/<name>/`` (``name`` = ``"cavity"``, ``"insitu"``):
+``best.pt``, ``metadata.json`` and, when exported, ``best_openvino_model/`` or ``best.onnx``,
+which :func:`load_detector` prefers. Models trained by the ci profile of the notebooks go
+to ``data/models/ci/<name>/`` so a smoke run never replaces a default model.
+
+Image conversion (documented, applied by :func:`to_gray8` everywhere): RGB(A) becomes grey
+with ITU-R 601 luma weights; 8-bit stays as is; 16-bit, other integer and float images are
+stretched linearly from their 0.1st to 99.9th percentile onto 0..255.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import _runtime, paths
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MODEL_NAMES = ("cavity", "insitu")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_gray8(image: np.ndarray) -> np.ndarray:
+    """Convert a grey or RGB(A) image of any dtype to grey uint8 ``(M, N)``.
+
+    Parameters
+    ----------
+    image
+        ``(M, N)``, ``(M, N, 1)``, ``(M, N, 3)`` or ``(M, N, 4)``; uint8, uint16, other
+        integer or float.
+
+    Returns
+    -------
+    np.ndarray
+        ``(M, N)`` uint8. RGB is weighted 0.299 R + 0.587 G + 0.114 B (alpha dropped);
+        non-uint8 data is stretched linearly from its 0.1 to 99.9 percentile to 0..255.
+    """
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    elif a.ndim == 3 and a.shape[2] in (3, 4):
+        dtype = a.dtype
+        a = a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        if dtype == np.uint8:
+            return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if a.ndim != 2:
+        raise ValueError(
+            f"Image of shape {a.shape} is not an image; expected (M, N) grey or (M, N, 3|4) RGB(A)"
+        )
+    if min(a.shape) < 8:
+        raise ValueError(f"Image of shape {a.shape} is too small; expected at least 8 x 8 pixels")
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    f = a.astype(np.float32)
+    if not np.isfinite(f).all():
+        raise ValueError("Image holds NaN or infinite values; expected finite intensities")
+    lo, hi = np.percentile(f, [0.1, 99.9])
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.clip(np.rint((f - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as grey uint8 ``(M, N)`` (see :func:`to_gray8` for conversions).
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        The file is not a readable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No image file {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                a = np.asarray(im)
+            elif im.mode in ("L", "RGB", "RGBA"):
+                a = np.asarray(im)
+            else:
+                a = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(
+            f"Cannot read image {path.name!r} ({e}); expected a PNG/JPEG/TIFF image"
+        ) from None
+    return to_gray8(a)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files (``.png .jpg .jpeg .tif .tiff .bmp``) of ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"No folder {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder; expected a folder of images")
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    if not files:
+        raise ValueError(
+            f"Folder {folder} holds no images; expected files ending in {', '.join(IMAGE_SUFFIXES)}"
+        )
+    return files
+
+
+# --------------------------------------------------------------------------- boxes
+
+
+def _xyxy(boxes: np.ndarray) -> np.ndarray:
+    """Corner coordinates ``(K, 4)`` from labels ``(K, 5)``, predictions ``(K, 6)`` or ``(K, 4)``."""
+    b = np.asarray(boxes, dtype=float)
+    if b.size == 0:
+        return np.zeros((0, 4))
+    if b.ndim != 2 or b.shape[1] not in (4, 5, 6):
+        raise ValueError(
+            f"Boxes of shape {b.shape} are not boxes; expected (K, 4) [x1, y1, x2, y2], "
+            "(K, 5) [class, x1, y1, x2, y2] or (K, 6) [x1, y1, x2, y2, conf, class]"
+        )
+    return b[:, 1:5] if b.shape[1] == 5 else b[:, :4]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix ``(K, L)`` between two box sets in any of the module's formats."""
+    a, b = _xyxy(a), _xyxy(b)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def match(pred_boxes: np.ndarray, true_boxes: np.ndarray, iou_threshold: float = 0.5) -> dict:
+    """Match predicted to true boxes one-to-one (Hungarian on IoU) and count hits.
+
+    Parameters
+    ----------
+    pred_boxes, true_boxes
+        Boxes in pixels, ``(K, 4|5|6)`` (see the module docstring for the formats).
+    iou_threshold
+        A pair counts as a true positive when its IoU is at least this.
+
+    Returns
+    -------
+    dict
+        ``tp, fp, fn`` (int), ``precision, recall, f1`` (float; 1.0 when there is nothing
+        to find and nothing found), ``matches`` ``(T, 2)`` int pairs (pred index, true
+        index) and ``iou`` ``(T,)`` of the matched pairs.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(f"IoU threshold {iou_threshold!r} is out of range; expected 0 < t <= 1")
+    p, t = _xyxy(pred_boxes), _xyxy(true_boxes)
+    pairs = np.zeros((0, 2), int)
+    ious = np.zeros(0)
+    if len(p) and len(t):
+        iou = box_iou(p, t)
+        r, c = linear_sum_assignment(-iou)
+        keep = iou[r, c] >= iou_threshold
+        pairs = np.stack([r[keep], c[keep]], axis=1).astype(int)
+        ious = iou[r[keep], c[keep]]
+    tp = len(pairs)
+    fp, fn = len(p) - tp, len(t) - tp
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return dict(
+        tp=tp, fp=fp, fn=fn, precision=precision, recall=recall, f1=f1, matches=pairs, iou=ious
+    )
+
+
+def write_yolo_txt(
+    path: str | Path, boxes: np.ndarray, image_shape: tuple[int, int], with_conf: bool = True
+) -> Path:
+    """Write boxes as a YOLO txt file (``class cx cy w h [conf]``, normalised), atomically.
+
+    Parameters
+    ----------
+    path
+        Output file.
+    boxes
+        Labels ``(K, 5)`` ``[class, x1, y1, x2, y2]`` or predictions ``(K, 6)``
+        ``[x1, y1, x2, y2, conf, class]``, pixels.
+    image_shape
+        ``(M, N)`` rows, columns of the image the boxes belong to.
+    with_conf
+        Append the confidence column (predictions only).
+    """
+    b = np.asarray(boxes, dtype=float).reshape(-1, np.shape(boxes)[-1] if np.size(boxes) else 5)
+    xy = _xyxy(b)
+    h, w = int(image_shape[0]), int(image_shape[1])
+    if b.shape[1] == 6:
+        cls, conf = b[:, 5], b[:, 4]
+    elif b.shape[1] == 5:
+        cls, conf = b[:, 0], None
+    else:
+        cls, conf = np.zeros(len(b)), None
+    xy = np.clip(xy, 0, [w, h, w, h])
+    cx, cy = (xy[:, 0] + xy[:, 2]) / 2 / w, (xy[:, 1] + xy[:, 3]) / 2 / h
+    bw, bh = (xy[:, 2] - xy[:, 0]) / w, (xy[:, 3] - xy[:, 1]) / h
+    lines = []
+    for i in range(len(b)):
+        line = f"{int(cls[i])} {cx[i]:.6f} {cy[i]:.6f} {bw[i]:.6f} {bh[i]:.6f}"
+        if with_conf and conf is not None:
+            line += f" {conf[i]:.4f}"
+        lines.append(line)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
+    os.replace(tmp, path)
+    return path
+
+
+def read_yolo_txt(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
+    """Read a YOLO txt file into predictions ``(K, 6)`` ``[x1, y1, x2, y2, conf, class]`` in pixels.
+
+    A file without a confidence column (labels) gets ``conf = 1``; take the class and
+    corners as labels with ``b[:, [5, 0, 1, 2, 3]]``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No label file {path}")
+    rows = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    if not rows:
+        return np.zeros((0, 6))
+    if any(len(r) not in (5, 6) for r in rows):
+        raise ValueError(
+            f"Label file {path.name!r} has a row of the wrong length; expected 'class cx cy w h [conf]'"
+        )
+    h, w = image_shape[:2]
+    out = np.ones((len(rows), 6))
+    for i, r in enumerate(rows):
+        c, cx, cy, bw, bh = (float(v) for v in r[:5])
+        out[i, :4] = [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
+        out[i, 4] = float(r[5]) if len(r) == 6 else 1.0
+        out[i, 5] = c
+    return out
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def _atomic_dir(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+
+
+def write_yolo_dataset(
+    images: list[np.ndarray],
+    boxes: list[np.ndarray],
+    out_dir: str | Path,
+    val_fraction: float = 0.2,
+    rng=None,
+    class_names: tuple[str, ...] = ("cavity",),
+    masks: list[np.ndarray] | None = None,
+) -> Path:
+    """Write an ultralytics detection dataset (grey PNGs, YOLO txt labels, yaml), atomically.
+
+    Parameters
+    ----------
+    images
+        ``n`` images ``(M, N)`` (any dtype or RGB: converted by :func:`to_gray8`).
+    boxes
+        ``n`` label arrays ``(K, 5)`` ``[class, x1, y1, x2, y2]`` in pixels (x = column).
+    out_dir
+        Dataset folder; replaced as a whole when it exists.
+    val_fraction
+        Fraction of images (at least one when ``n >= 2``) held out as ``val``.
+    rng
+        Seed or generator for the train/val split.
+    class_names
+        Names of classes ``0, 1, ...``.
+    masks
+        Optional ``n`` instance label images ``(M, N)`` (0 = background, k = k-th object),
+        saved as 16-bit PNGs under ``masks/<split>/``.
+
+    Returns
+    -------
+    Path
+        The dataset yaml (``<out_dir>/data.yaml``), with ``channels: 1``.
+    """
+    import yaml
+
+    n = len(images)
+    if n == 0:
+        raise ValueError("No images given; expected at least one image for a dataset")
+    if len(boxes) != n:
+        raise ValueError(f"Got {len(boxes)} box arrays for {n} images; expected one per image")
+    if masks is not None and len(masks) != n:
+        raise ValueError(f"Got {len(masks)} masks for {n} images; expected one per image")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction {val_fraction!r} is out of range; expected 0 <= f < 1")
+    rng = np.random.default_rng(rng)
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    order = rng.permutation(n)
+    split = np.array(["train"] * n, dtype=object)
+    split[order[:n_val]] = "val"
+    out_dir = Path(out_dir).resolve()
+    tmp = _atomic_dir(out_dir)
+    try:
+        for s in ("train", "val"):
+            (tmp / "images" / s).mkdir(parents=True)
+            (tmp / "labels" / s).mkdir(parents=True)
+            if masks is not None:
+                (tmp / "masks" / s).mkdir(parents=True)
+        width = max(5, len(str(n)))
+        for i in range(n):
+            img = to_gray8(images[i])
+            stem = f"{i:0{width}d}"
+            b = (
+                np.asarray(boxes[i], dtype=float).reshape(-1, 5)
+                if np.size(boxes[i])
+                else np.zeros((0, 5))
+            )
+            if len(b) and (b[:, 0].min() < 0 or b[:, 0].max() >= len(class_names)):
+                raise ValueError(
+                    f"Image {i} has class {int(b[:, 0].max())}; expected classes 0..{len(class_names) - 1}"
+                )
+            _save_png(tmp / "images" / split[i] / f"{stem}.png", img)
+            write_yolo_txt(tmp / "labels" / split[i] / f"{stem}.txt", b, img.shape, with_conf=False)
+            if masks is not None:
+                _save_png(
+                    tmp / "masks" / split[i] / f"{stem}.png", np.asarray(masks[i]).astype(np.uint16)
+                )
+        data = {
+            "path": str(out_dir),
+            "train": "images/train",
+            "val": "images/val" if n_val else "images/train",
+            "channels": 1,
+            "nc": len(class_names),
+            "names": {i: c for i, c in enumerate(class_names)},
+        }
+        (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote YOLO dataset %s (%d train, %d val)", out_dir, n - n_val, n_val)
+    return out_dir / "data.yaml"
+
+
+# --------------------------------------------------------------------------- training
+
+
+def default_model_dir(name: str, ci: bool = False) -> Path:
+    """``data/models/<name>/`` (default models) or ``data/models/ci/<name>/`` (ci smoke models)."""
+    base = paths.data_dir("models")
+    return base / "ci" / name if ci else base / name
+
+
+def train(
+    dataset_yaml: str | Path,
+    out_dir: str | Path,
+    imgsz: int = 640,
+    epochs: int = 30,
+    batch: int = 16,
+    model_cfg: str = "yolo11n.yaml",
+    seed: int = 0,
+    nm_per_px: float | None = None,
+    description: str = "",
+    **kwargs,
+) -> Path:
+    """Train a grey YOLO detector from scratch and return ``<out_dir>/best.pt``.
+
+    No pretrained weights are used or downloaded; plots are off; CPU with 2 workers.
+    Augmentation defaults favour generality across microscopes (flips, rotations by 90
+    degrees through flips, scale, brightness); any ultralytics train argument in
+    ``kwargs`` overrides them.
+
+    Parameters
+    ----------
+    dataset_yaml
+        From :func:`write_yolo_dataset`.
+    out_dir
+        Folder receiving ``best.pt``, ``metadata.json`` and the ultralytics run (``run/``).
+    imgsz, epochs, batch, model_cfg, seed
+        As in ultralytics (``model_cfg`` is an architecture yaml such as ``yolo11n.yaml``).
+    nm_per_px
+        Calibration of the training images, stored in the metadata.
+    description
+        One line on the training data, stored in the metadata.
+
+    Returns
+    -------
+    Path
+        ``best.pt`` (a copy of the run's best weights).
+    """
+    import yaml
+
+    dataset_yaml = Path(dataset_yaml)
+    if not dataset_yaml.is_file():
+        raise FileNotFoundError(f"No dataset yaml {dataset_yaml}")
+    if not str(model_cfg).endswith((".yaml", ".yml")):
+        raise ValueError(
+            f"model_cfg {model_cfg!r} is not an architecture yaml; expected e.g. 'yolo11n.yaml' (no pretrained weights)"
+        )
+    data = yaml.safe_load(dataset_yaml.read_text())
+    ul = _runtime.ultralytics()
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = dict(
+        data=str(dataset_yaml),
+        imgsz=imgsz,
+        epochs=epochs,
+        batch=batch,
+        seed=seed,
+        deterministic=True,
+        pretrained=False,
+        device="cpu",
+        workers=min(2, _runtime.n_threads()),
+        plots=False,
+        amp=False,
+        verbose=False,
+        project=str(out_dir),
+        name="run",
+        exist_ok=True,
+        fliplr=0.5,
+        flipud=0.5,
+        degrees=0.0,
+        scale=0.5,
+        translate=0.1,
+        mosaic=1.0,
+        hsv_h=0.0,
+        hsv_s=0.0,
+        hsv_v=0.4,
+        close_mosaic=max(1, epochs // 5),
+        patience=max(epochs, 10),
+    )
+    args.update(kwargs)
+    model = ul.YOLO(model_cfg, task="detect")
+    model.train(**args)
+    run = Path(model.trainer.save_dir)
+    best = run / "weights" / "best.pt"
+    if not best.is_file():
+        best = run / "weights" / "last.pt"
+    dst = out_dir / "best.pt"
+    tmp = out_dir / ".best.pt.tmp"
+    shutil.copyfile(best, tmp)
+    os.replace(tmp, dst)
+    metrics = {}
+    try:
+        rd = model.trainer.metrics or {}
+        metrics = {k: float(v) for k, v in rd.items()}
+    except Exception:  # metrics are informative only
+        pass
+    meta = {
+        "classes": [data["names"][k] for k in sorted(data["names"])]
+        if isinstance(data["names"], dict)
+        else list(data["names"]),
+        "imgsz": int(imgsz),
+        "channels": 1,
+        "nm_per_px": nm_per_px,
+        "model_cfg": str(model_cfg),
+        "epochs": int(epochs),
+        "seed": int(seed),
+        "dataset": str(dataset_yaml),
+        "description": description,
+        "val_metrics": metrics,
+    }
+    _write_json(out_dir / "metadata.json", meta)
+    # an older export next to new weights would be stale
+    for old in (out_dir / "best_openvino_model", out_dir / "best.onnx"):
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+    log.info("trained %s -> %s", model_cfg, dst)
+    return dst
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def export(weights: str | Path, fmt: str = "openvino", imgsz: int = 640) -> Path:
+    """Export trained weights for fast CPU inference and return the exported model's path.
+
+    Parameters
+    ----------
+    weights
+        ``best.pt`` from :func:`train`.
+    fmt
+        ``"openvino"`` (fastest here) or ``"onnx"``; OpenVINO falls back to ONNX when it fails.
+    imgsz
+        Fixed input size of the exported model (frames are letterboxed or tiled to it).
+    """
+    if fmt not in ("openvino", "onnx"):
+        raise ValueError(f"Unknown export format {fmt!r}; expected one of 'openvino', 'onnx'")
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"No weights file {weights}")
+    ul = _runtime.ultralytics()
+    model = ul.YOLO(str(weights), task="detect")
+    try:
+        out = model.export(
+            format=fmt, imgsz=imgsz, half=False, int8=False, dynamic=False, verbose=False
+        )
+    except Exception as e:  # noqa: BLE001  openvino can be missing or fail on a CPU
+        if fmt == "onnx":
+            raise
+        log.warning("OpenVINO export failed (%s); exporting ONNX instead", e)
+        out = model.export(format="onnx", imgsz=imgsz, dynamic=False, simplify=False, verbose=False)
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _nms(boxes: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression of predictions ``(K, 6)`` (class-aware)."""
+    if len(boxes) == 0:
+        return np.zeros(0, int)
+    keep = []
+    for c in np.unique(boxes[:, 5]):
+        idx = np.flatnonzero(boxes[:, 5] == c)
+        idx = idx[np.argsort(-boxes[idx, 4])]
+        while len(idx):
+            i = idx[0]
+            keep.append(i)
+            if len(idx) == 1:
+                break
+            ov = box_iou(boxes[i : i + 1], boxes[idx[1:]])[0]
+            idx = idx[1:][ov < iou]
+    keep = np.array(keep, int)
+    return keep[np.argsort(-boxes[keep, 4])]
+
+
+def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap`` shared px."""
+    if length <= tile:
+        return [0]
+    step = max(1, tile - overlap)
+    starts = list(range(0, length - tile, step)) + [length - tile]
+    return sorted(set(starts))
+
+
+class Detector:
+    """A loaded YOLO detector (PyTorch, OpenVINO or ONNX) with grey-image handling.
+
+    Use :func:`load_detector` to make one. Attributes: ``path`` (the model loaded),
+    ``metadata`` (dict from ``metadata.json``, may be empty), ``imgsz``, ``classes``.
+    """
+
+    def __init__(self, path: Path, metadata: dict | None = None):
+        ul = _runtime.ultralytics()
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self.imgsz = int(self.metadata.get("imgsz", 640))
+        self.classes = list(self.metadata.get("classes", ["object"]))
+        self.model = ul.YOLO(str(self.path), task="detect")
+
+    def __repr__(self) -> str:
+        return f"Detector({str(self.path)!r}, imgsz={self.imgsz}, classes={self.classes})"
+
+    def _run(
+        self, frames: list[np.ndarray], conf: float, iou: float, batch: int
+    ) -> list[np.ndarray]:
+        out = []
+        for i in range(0, len(frames), batch):
+            chunk = [f[..., None] for f in frames[i : i + batch]]
+            res = self.model.predict(
+                chunk,
+                conf=conf,
+                iou=iou,
+                imgsz=self.imgsz,
+                device="cpu",
+                verbose=False,
+                max_det=1000,
+            )
+            out += [r.boxes.data.cpu().numpy().astype(float).reshape(-1, 6) for r in res]
+        return out
+
+    def predict(
+        self,
+        image_or_batch,
+        conf: float = 0.25,
+        iou: float = 0.5,
+        tile: int | None = None,
+        overlap: float = 0.25,
+        batch: int = 8,
+    ) -> list[np.ndarray]:
+        """Detect objects in one image or a batch and return boxes per image.
+
+        Parameters
+        ----------
+        image_or_batch
+            One image ``(M, N)`` / ``(M, N, 3|4)``, a stack ``(B, M, N)``, a list of images
+            (sizes may differ), or file paths. Any dtype: see :func:`to_gray8`.
+        conf, iou
+            Confidence threshold and NMS IoU threshold.
+        tile
+            Tile size in px for tiled inference (``None``: whole frame letterboxed to the
+            model's ``imgsz``). Tiles overlap by ``overlap`` of their size; boxes cut by an
+            inner tile edge are dropped (they appear whole in a neighbour) and the rest
+            merged with NMS. Use it for small defects in frames much larger than ``imgsz``.
+        overlap
+            Fraction of a tile shared with its neighbour, ``0 <= overlap < 0.9``.
+        batch
+            Frames or tiles per forward pass.
+
+        Returns
+        -------
+        list of np.ndarray
+            One ``(K, 6)`` array ``[x1, y1, x2, y2, conf, class]`` per image, pixels of the
+            input image, sorted by decreasing confidence.
+        """
+        if not 0 < conf < 1:
+            raise ValueError(f"conf {conf!r} is out of range; expected 0 < conf < 1")
+        if tile is not None and tile < 32:
+            raise ValueError(f"tile {tile!r} is too small; expected at least 32 px or None")
+        if not 0 <= overlap < 0.9:
+            raise ValueError(f"overlap {overlap!r} is out of range; expected 0 <= overlap < 0.9")
+        frames = _as_frames(image_or_batch)
+        if tile is None:
+            return self._run(frames, conf, iou, batch)
+        results = []
+        ov = int(round(overlap * tile))
+        for f in frames:
+            h, w = f.shape
+            tiles, offs = [], []
+            for y0 in tile_origins(h, tile, ov):
+                for x0 in tile_origins(w, tile, ov):
+                    tiles.append(f[y0 : y0 + tile, x0 : x0 + tile])
+                    offs.append((x0, y0))
+            dets = self._run(tiles, conf, iou, batch)
+            allb = []
+            margin = 2.0
+            for (x0, y0), d, t in zip(offs, dets, tiles, strict=True):
+                if not len(d):
+                    continue
+                th, tw = t.shape
+                cut = np.zeros(len(d), bool)
+                if x0 > 0:
+                    cut |= d[:, 0] <= margin
+                if y0 > 0:
+                    cut |= d[:, 1] <= margin
+                if x0 + tw < w:
+                    cut |= d[:, 2] >= tw - margin
+                if y0 + th < h:
+                    cut |= d[:, 3] >= th - margin
+                d = d[~cut].copy()
+                d[:, [0, 2]] += x0
+                d[:, [1, 3]] += y0
+                allb.append(d)
+            allb = np.concatenate(allb) if allb else np.zeros((0, 6))
+            results.append(allb[_nms(allb, iou)])
+        return results
+
+
+def _as_frames(x) -> list[np.ndarray]:
+    if isinstance(x, str | Path):
+        return [read_image(x)]
+    if isinstance(x, list | tuple):
+        return [read_image(v) if isinstance(v, str | Path) else to_gray8(v) for v in x]
+    a = np.asarray(x)
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4)):
+        return [to_gray8(a)]
+    if a.ndim == 3:
+        return [to_gray8(f) for f in a]
+    raise ValueError(
+        f"Input of shape {a.shape} is not an image or batch; expected (M, N), (M, N, 3) or (B, M, N)"
+    )
+
+
+def model_files(folder: Path) -> dict:
+    """The model files of a model folder: ``{"openvino": .., "onnx": .., "pt": ..}`` (present ones)."""
+    found = {}
+    for key, name in (
+        ("openvino", "best_openvino_model"),
+        ("onnx", "best.onnx"),
+        ("pt", "best.pt"),
+    ):
+        p = folder / name
+        if p.exists():
+            found[key] = p
+    return found
+
+
+def load_detector(name_or_path: str | Path = "cavity", prefer_exported: bool = True) -> Detector:
+    """Load a detector by name (``"cavity"``, ``"insitu"``: ``data/models/<name>/``) or path.
+
+    Parameters
+    ----------
+    name_or_path
+        A model name, a model folder (holding ``best.pt`` and perhaps exports), or a
+        weights file / exported model (``.pt``, ``.onnx``, ``*_openvino_model/``).
+    prefer_exported
+        In a folder, use the OpenVINO or ONNX export when present (faster on CPU).
+    """
+    p = Path(name_or_path)
+    if str(name_or_path) in MODEL_NAMES and not p.exists():
+        p = default_model_dir(str(name_or_path))
+        if not p.is_dir() or not model_files(p):
+            raise FileNotFoundError(
+                f"No trained {name_or_path!r} model in {p}; train one with the default profile of its "
+                "notebook (06_cavity_generator for 'cavity', 07 for 'insitu') or pass a weights path"
+            )
+    if not p.exists():
+        raise FileNotFoundError(
+            f"No model {name_or_path!r}; expected {', '.join(MODEL_NAMES)} or a path to weights"
+        )
+    meta_dir = p if p.is_dir() and not p.name.endswith("_openvino_model") else p.parent
+    meta_path = meta_dir / "metadata.json"
+    metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if p.is_dir() and not p.name.endswith("_openvino_model"):
+        files = model_files(p)
+        if not files:
+            raise FileNotFoundError(
+                f"Model folder {p} holds no best.pt, best.onnx or best_openvino_model"
+            )
+        order = ("openvino", "onnx", "pt") if prefer_exported else ("pt", "openvino", "onnx")
+        p = next(files[k] for k in order if k in files)
+    log.info("loading detector %s", p)
+    return Detector(p, metadata)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _swelling_percent(diameters_nm: np.ndarray, area_nm2: float, thickness_nm: float) -> float:
+    """Swelling % = 100 V_cav / (A t - V_cav) with V_cav = sum(pi d^3 / 6)."""
+    v = float(np.sum(np.pi * np.asarray(diameters_nm, float) ** 3 / 6))
+    return 100.0 * v / (area_nm2 * thickness_nm - v)
+
+
+def detect_folder(
+    images_dir: str | Path,
+    out_dir: str | Path,
+    model: str | Path = "cavity",
+    nm_per_px: float | None = None,
+    thickness_nm: float | None = None,
+    conf: float = 0.25,
+    iou: float = 0.5,
+    tile: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Detect defects in every image of a folder; write YOLO txt files and tables.
+
+    Writes into ``out_dir``: ``<stem>.txt`` per image (``class cx cy w h conf``,
+    normalised), ``detections.csv`` (one row per box: image, class, corners, centre, size
+    and diameter in px, and in nm when ``nm_per_px`` is given) and ``images.csv`` (one row
+    per image: count, mean diameter, swelling % when ``nm_per_px`` and ``thickness_nm``
+    are given). The diameter of a box is the mean of its width and height; swelling
+    assumes spherical cavities: ``100 sum(pi d^3/6) / (A t - sum(pi d^3/6))``.
+
+    Returns
+    -------
+    dict
+        ``n_images``, ``n_detections``, ``detections_csv``, ``images_csv``, ``model``.
+    """
+    from tqdm.auto import tqdm
+
+    files = list_images(images_dir)
+    if nm_per_px is not None and not nm_per_px > 0:
+        raise ValueError(f"nm/px {nm_per_px!r} must be positive")
+    if thickness_nm is not None and not thickness_nm > 0:
+        raise ValueError(f"Thickness {thickness_nm!r} nm must be positive")
+    if thickness_nm is not None and nm_per_px is None:
+        raise ValueError("A thickness needs --nm-per-px too; expected both to estimate swelling")
+    det = load_detector(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    det_rows, img_rows = [], []
+    for f in tqdm(files, desc="detect", disable=not progress):
+        img = read_image(f)
+        b = det.predict(img, conf=conf, iou=iou, tile=tile)[0]
+        write_yolo_txt(out_dir / f"{f.stem}.txt", b, img.shape, with_conf=True)
+        w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+        d_px = (w + h) / 2
+        for k in range(len(b)):
+            row = dict(
+                image=f.name,
+                cls=int(b[k, 5]),
+                conf=round(float(b[k, 4]), 4),
+                x1=round(float(b[k, 0]), 2),
+                y1=round(float(b[k, 1]), 2),
+                x2=round(float(b[k, 2]), 2),
+                y2=round(float(b[k, 3]), 2),
+                cx=round(float(b[k, 0] + b[k, 2]) / 2, 2),
+                cy=round(float(b[k, 1] + b[k, 3]) / 2, 2),
+                width_px=round(float(w[k]), 2),
+                height_px=round(float(h[k]), 2),
+                diameter_px=round(float(d_px[k]), 2),
+                diameter_nm=round(float(d_px[k] * nm_per_px), 3) if nm_per_px else "",
+            )
+            det_rows.append(row)
+        irow = dict(
+            image=f.name,
+            height_px=img.shape[0],
+            width_px=img.shape[1],
+            n_detections=len(b),
+            mean_diameter_px=round(float(d_px.mean()), 2) if len(b) else "",
+            mean_diameter_nm=round(float(d_px.mean() * nm_per_px), 3)
+            if len(b) and nm_per_px
+            else "",
+            swelling_percent="",
+        )
+        if thickness_nm is not None:
+            area = img.shape[0] * img.shape[1] * nm_per_px**2
+            irow["swelling_percent"] = round(
+                _swelling_percent(d_px * nm_per_px, area, thickness_nm), 5
+            )
+        img_rows.append(irow)
+    det_cols = [
+        "image",
+        "cls",
+        "conf",
+        "x1",
+        "y1",
+        "x2",
+        "y2",
+        "cx",
+        "cy",
+        "width_px",
+        "height_px",
+        "diameter_px",
+        "diameter_nm",
+    ]
+    _write_csv(out_dir / "detections.csv", det_rows, det_cols)
+    _write_csv(out_dir / "images.csv", img_rows, list(img_rows[0]))
+    return dict(
+        n_images=len(files),
+        n_detections=len(det_rows),
+        detections_csv=out_dir / "detections.csv",
+        images_csv=out_dir / "images.csv",
+        model=det.path,
+    )
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=columns)
+        wr.writeheader()
+        wr.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _cli_detect(parser):
+    parser.add_argument(
+        "images_dir", help="folder of images (png, jpg, tif; grey or RGB, 8 or 16 bit)"
+    )
+    parser.add_argument(
+        "--model",
+        default="cavity",
+        help="'cavity' or 'insitu' (data/models/<name>/, trained by notebooks 06 / 07) or a weights path",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder: <stem>.txt per image, detections.csv, images.csv",
+    )
+    parser.add_argument(
+        "--nm-per-px", type=float, default=None, help="calibration, for diameters in nm"
+    )
+    parser.add_argument(
+        "--thickness-nm", type=float, default=None, help="foil thickness, for a swelling estimate"
+    )
+    parser.add_argument(
+        "--conf", type=float, default=0.25, help="confidence threshold (default 0.25)"
+    )
+    parser.add_argument("--iou", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
+    parser.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="tile size in px for large frames (default: whole frame)",
+    )
+
+    def run(args) -> int:
+        res = detect_folder(
+            args.images_dir,
+            args.out,
+            model=args.model,
+            nm_per_px=args.nm_per_px,
+            thickness_nm=args.thickness_nm,
+            conf=args.conf,
+            iou=args.iou,
+            tile=args.tile,
+        )
+        print(
+            f"{res['n_detections']} detections in {res['n_images']} images (model {res['model']}); "
+            f"wrote {args.out}/<image>.txt, {res['detections_csv'].name}, {res['images_csv'].name}"
+        )
+        return 0
+
+    return run

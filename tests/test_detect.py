@@ -1,0 +1,162 @@
+"""Tests of temlib.detect: box formats, matching, datasets, conversions, bad inputs, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from temlib import cli, detect
+
+
+def test_match_counts_planted_boxes():
+    true = np.array([[0, 10, 10, 30, 30], [0, 50, 50, 70, 80], [0, 100, 0, 120, 20]], float)
+    pred = np.array(
+        [
+            [11, 10, 31, 30, 0.9, 0],  # good match of box 0
+            [50, 52, 70, 80, 0.8, 0],  # good match of box 1
+            [200, 200, 220, 220, 0.7, 0],  # false positive
+        ]
+    )
+    m = detect.match(pred, true, 0.5)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 1)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert sorted(map(tuple, m["matches"])) == [(0, 0), (1, 1)]
+    # shifted by half a box: IoU 1/3 -> a hit at 0.1, a miss at 0.5
+    half = np.array([[20, 10, 40, 30, 0.9, 0]])
+    assert detect.match(half, true[:1], 0.5)["tp"] == 0
+    assert detect.match(half, true[:1], 0.1)["tp"] == 1
+
+
+def test_match_empty_and_bad():
+    m = detect.match(np.zeros((0, 6)), np.zeros((0, 5)))
+    assert m["f1"] == 1.0 and m["tp"] == 0
+    with pytest.raises(ValueError, match="IoU threshold 0"):
+        detect.match(np.zeros((0, 6)), np.zeros((0, 5)), 0)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\) are not boxes"):
+        detect.match(np.zeros((2, 3)), np.zeros((0, 5)))
+
+
+def test_yolo_txt_roundtrip(tmp_path):
+    pred = np.array([[10.0, 20.0, 50.0, 40.0, 0.75, 0], [0.0, 0.0, 8.0, 8.0, 0.5, 1]])
+    p = detect.write_yolo_txt(tmp_path / "a.txt", pred, (100, 200))
+    first = p.read_text().splitlines()[0].split()
+    assert (
+        first[0] == "0" and float(first[1]) == pytest.approx(30 / 200) and float(first[5]) == 0.75
+    )
+    back = detect.read_yolo_txt(p, (100, 200))
+    np.testing.assert_allclose(back, pred, atol=1e-3)
+    lab = np.array([[0, 10, 20, 50, 40]])
+    detect.write_yolo_txt(tmp_path / "b.txt", lab, (100, 200))
+    assert len((tmp_path / "b.txt").read_text().split()) == 5
+    np.testing.assert_allclose(
+        detect.read_yolo_txt(tmp_path / "b.txt", (100, 200))[0, :4], lab[0, 1:], atol=1e-3
+    )
+    (tmp_path / "bad.txt").write_text("0 0.5 0.5\n")
+    with pytest.raises(ValueError, match="wrong length"):
+        detect.read_yolo_txt(tmp_path / "bad.txt", (10, 10))
+
+
+def test_write_yolo_dataset(tmp_path, rng):
+    images = [rng.integers(0, 255, (64, 80), dtype=np.uint8) for _ in range(10)]
+    boxes = [np.array([[0, 5, 6, 20, 30]]) for _ in range(9)] + [np.zeros((0, 5))]
+    masks = [np.zeros((64, 80), np.uint16) for _ in range(10)]
+    y = detect.write_yolo_dataset(
+        images, boxes, tmp_path / "ds", val_fraction=0.2, rng=1, masks=masks
+    )
+    data = yaml.safe_load(y.read_text())
+    assert data["channels"] == 1 and data["names"] == {0: "cavity"}
+    assert len(list((tmp_path / "ds/images/val").glob("*.png"))) == 2
+    assert len(list((tmp_path / "ds/labels/train").glob("*.txt"))) == 8
+    assert len(list((tmp_path / "ds/masks/train").glob("*.png"))) == 8
+    png = next((tmp_path / "ds/images/train").glob("*.png"))
+    assert Image.open(png).mode == "L"
+    # a bad class leaves nothing half-written
+    with pytest.raises(ValueError, match="class 3"):
+        detect.write_yolo_dataset(images[:2], [np.array([[3, 0, 0, 5, 5]])] * 2, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((20, 30), 7, np.uint8),
+        np.linspace(0, 65535, 600).reshape(20, 30).astype(np.uint16),
+        np.linspace(-1, 1, 600).reshape(20, 30).astype(np.float32),
+        np.dstack([np.full((20, 30), 100, np.uint8)] * 3),
+        np.dstack([np.full((20, 30), 100, np.uint8)] * 4),
+    ],
+    ids=["u8", "u16", "float", "rgb", "rgba"],
+)
+def test_to_gray8(image):
+    g = detect.to_gray8(image)
+    assert g.shape == (20, 30) and g.dtype == np.uint8
+    if image.dtype == np.uint16:
+        assert g.min() == 0 and g.max() == 255 and np.all(np.diff(g.ravel().astype(int)) >= 0)
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((4, 4)), "too small"),
+        (np.zeros((10, 10, 2)), "not an image"),
+        (np.full((10, 10), np.nan), "NaN"),
+    ],
+)
+def test_to_gray8_bad(image, message):
+    with pytest.raises(ValueError, match=message):
+        detect.to_gray8(image)
+
+
+def test_tiles_cover():
+    assert detect.tile_origins(100, 128, 32) == [0]
+    o = detect.tile_origins(1000, 256, 64)
+    assert (
+        o[0] == 0
+        and o[-1] == 1000 - 256
+        and all(b - a <= 256 - 64 for a, b in zip(o, o[1:], strict=False))
+    )
+
+
+def test_nms_keeps_best():
+    b = np.array([[0, 0, 10, 10, 0.9, 0], [1, 0, 11, 10, 0.8, 0], [50, 50, 60, 60, 0.7, 0]], float)
+    assert list(detect._nms(b, 0.5)) == [0, 2]
+
+
+def test_cli_bad_inputs(tmp_path, capsys):
+    assert cli.main(["detect", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "No folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["detect", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match="Cannot read image 'broken.png'"):
+        detect.read_image(tmp_path / "imgs" / "broken.png")
+    assert (
+        cli.main(
+            [
+                "detect",
+                str(tmp_path / "imgs"),
+                "--out",
+                str(tmp_path / "o"),
+                "--model",
+                str(tmp_path / "x.pt"),
+            ]
+        )
+        == 2
+    )
+    assert "No model" in capsys.readouterr().err
+    args = ["detect", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"), "--thickness-nm", "100"]
+    assert cli.main(args) == 2
+    assert "needs --nm-per-px" in capsys.readouterr().err
+
+
+def test_read_image_16bit_and_rgb(tmp_path):
+    a16 = (np.arange(64 * 64).reshape(64, 64) * 10).astype(np.uint16)
+    Image.fromarray(a16).save(tmp_path / "a16.png")
+    Image.fromarray(np.dstack([np.full((64, 64), 200, np.uint8)] * 3)).save(tmp_path / "rgb.png")
+    g16 = detect.read_image(tmp_path / "a16.png")
+    assert g16.dtype == np.uint8 and g16.max() == 255 and g16.min() == 0
+    assert detect.read_image(tmp_path / "rgb.png")[0, 0] == 200
