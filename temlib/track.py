@@ -1,0 +1,1231 @@
+"""Detection and tracking of defects in in-situ irradiation videos; events, densities, maps.
+
+Pipeline: a YOLO detector (:mod:`temlib.detect`, model ``"insitu"``) finds black dots and
+loops in each frame; a linker joins detections into tracks; tracks give events
+(nucleation, growth, disappearance, coalescence), areal density and size distribution
+versus dose or time, and spatial maps.
+
+Linkers (``method``):
+
+- ``"linker"`` (default): trackpy-style nearest-neighbour linking solved as an assignment
+  (Hungarian) on centre distance, with global drift compensation (median displacement of
+  confident pairs) and a ``memory`` of a few frames for missed detections;
+- ``"bytetrack"`` / ``"botsort"``: ultralytics' trackers (Kalman + IoU; BoT-SORT adds
+  global motion compensation by sparse optical flow) fed with the same detections.
+
+Tracks are a tidy table, one row per defect per frame: ``frame, time_s, dose, track_id,
+x1, y1, x2, y2`` (px, x = column), ``row, col`` (centre, px), ``cls``, ``conf``,
+``diameter_px`` (mean of box width and height) and ``diameter_nm``.
+
+Default models: ``data/models/insitu/`` (trained by the default profile of notebook
+``07_yolo_tracking``); the ci profile trains into ``data/models/ci/insitu/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+
+from . import detect, insitu
+
+logger = logging.getLogger(__name__)
+
+TRACK_COLUMNS = [
+    "frame",
+    "time_s",
+    "dose",
+    "track_id",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "row",
+    "col",
+    "cls",
+    "conf",
+    "diameter_px",
+    "diameter_nm",
+]
+METHODS = ("linker", "bytetrack", "botsort")
+
+
+# --------------------------------------------------------------------------------------
+# Training
+
+
+def train_detector(
+    out_dir,
+    n_images: int = 400,
+    shape: tuple[int, int] = (320, 320),
+    epochs: int = 8,
+    batch: int = 16,
+    train_imgsz: int = 320,
+    infer_imgsz: int = 1024,
+    model_cfg: str = "yolo11n.yaml",
+    export_format: str | None = "openvino",
+    extra_images: list[np.ndarray] | None = None,
+    extra_boxes: list[np.ndarray] | None = None,
+    rng=None,
+    **train_kwargs,
+) -> Path:
+    """Train the in-situ defect detector on synthetic frames and export it.
+
+    The detector is trained on small synthetic frames (:func:`temlib.insitu.simulate_frames`)
+    at their native pixel scale and run on whole frames at ``infer_imgsz`` (YOLO is fully
+    convolutional): defects keep the size in pixels they had in training.
+
+    Parameters
+    ----------
+    out_dir
+        Model folder (e.g. ``data/models/insitu``): ``best.pt``, ``metadata.json``, export.
+    n_images, shape
+        Number and shape (M, N) of synthetic training frames.
+    epochs, batch, train_imgsz, model_cfg
+        Passed to :func:`temlib.detect.train`.
+    infer_imgsz
+        Input size of the exported model and of inference (written to the metadata).
+    export_format
+        ``"openvino"``, ``"onnx"`` or None (no export).
+    extra_images, extra_boxes
+        Optional real labelled frames ``(M, N)`` with ``(K, 5)`` boxes added to training.
+    rng
+        Seed or generator.
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    rng = np.random.default_rng(rng)
+    out_dir = Path(out_dir)
+    images, boxes, _ = insitu.simulate_frames(n_images, shape, rng=rng)
+    if extra_images:
+        images, boxes = images + list(extra_images), boxes + list(extra_boxes)
+    ds = detect.write_yolo_dataset(
+        images,
+        boxes,
+        out_dir.parent / f".{out_dir.name}_dataset",
+        val_fraction=0.1,
+        rng=rng,
+        class_names=insitu.CLASS_NAMES,
+    )
+    seed = int(rng.integers(0, 2**31 - 1))
+    best = detect.train(
+        ds,
+        out_dir,
+        imgsz=train_imgsz,
+        epochs=epochs,
+        batch=batch,
+        model_cfg=model_cfg,
+        seed=seed,
+        nm_per_px=None,
+        description=f"{n_images} synthetic in-situ frames {shape} (temlib.insitu.simulate_frames)"
+        + (f" + {len(extra_images)} real frames" if extra_images else ""),
+        **train_kwargs,
+    )
+    meta_path = out_dir / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update({"train_imgsz": int(train_imgsz), "imgsz": int(infer_imgsz)})
+    tmp = meta_path.with_name(".metadata.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=float))
+    os.replace(tmp, meta_path)
+    if export_format:
+        detect.export(best, export_format, imgsz=infer_imgsz)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------
+# Linking
+
+
+def _centres(boxes: np.ndarray) -> np.ndarray:
+    """(K, 2) centres (row, col) of (K, >=4) ``[x1, y1, x2, y2, ...]`` boxes."""
+    return np.stack([(boxes[:, 1] + boxes[:, 3]) / 2, (boxes[:, 0] + boxes[:, 2]) / 2], axis=1)
+
+
+class Linker:
+    """Frame-by-frame linker (state: the open tracks); use :func:`link` for a whole table.
+
+    Parameters
+    ----------
+    max_distance_px
+        Largest centre displacement (after drift compensation) between two frames, px;
+        a pair may also move up to half the larger box size.
+    memory
+        Frames a track may be missing and still be continued.
+    drift
+        Estimate the global drift of each frame (median displacement of unambiguous
+        pairs) and compensate it before linking.
+    """
+
+    def __init__(self, max_distance_px: float = 8.0, memory: int = 3, drift: bool = True):
+        if max_distance_px <= 0:
+            raise ValueError(f"max_distance_px must be positive, got {max_distance_px!r}")
+        if memory < 0:
+            raise ValueError(f"memory must be >= 0 frames, got {memory!r}")
+        self.max_distance_px = float(max_distance_px)
+        self.memory = int(memory)
+        self.drift = bool(drift)
+        self.next_id = 1
+        self.ids = np.zeros(0, int)
+        self.pos = np.zeros((0, 2))
+        self.size = np.zeros(0)
+        self.last = np.zeros(0, int)
+        self.shift = np.zeros(2)  # accumulated drift (row, col)
+
+    def _estimate_drift(self, prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
+        if len(prev) < 3 or len(cur) < 3:
+            return np.zeros(2)
+        d = np.hypot(prev[:, None, 0] - cur[None, :, 0], prev[:, None, 1] - cur[None, :, 1])
+        radius = 3 * self.max_distance_px
+        # mutual nearest neighbours within a generous radius
+        j = d.argmin(1)
+        i_back = d.argmin(0)
+        ok = (i_back[j] == np.arange(len(prev))) & (d[np.arange(len(prev)), j] < radius)
+        if ok.sum() < 3:
+            return np.zeros(2)
+        return np.median(cur[j[ok]] - prev[ok], axis=0)
+
+    def update(self, frame: int, boxes: np.ndarray) -> np.ndarray:
+        """Link the detections ``boxes`` (K, >=4) of ``frame``; return their (K,) track ids."""
+        boxes = np.asarray(boxes, float).reshape(-1, boxes.shape[-1] if np.ndim(boxes) == 2 else 6)
+        cur = _centres(boxes) if len(boxes) else np.zeros((0, 2))
+        size = (
+            ((boxes[:, 2] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 1])) / 2
+            if len(boxes)
+            else np.zeros(0)
+        )
+        # drop tracks gone for longer than the memory
+        alive = frame - self.last <= self.memory + 1
+        self.ids, self.pos, self.size, self.last = (
+            self.ids[alive],
+            self.pos[alive],
+            self.size[alive],
+            self.last[alive],
+        )
+        out = np.zeros(len(cur), int)
+        if len(self.ids) and len(cur):
+            recent = self.last == self.last.max()
+            shift = self._estimate_drift(self.pos[recent], cur) if self.drift else np.zeros(2)
+            pred = self.pos + shift
+            d = np.hypot(pred[:, None, 0] - cur[None, :, 0], pred[:, None, 1] - cur[None, :, 1])
+            gate = np.maximum(
+                self.max_distance_px, 0.5 * np.maximum(self.size[:, None], size[None, :])
+            )
+            big = 1e6
+            cost = np.where(d <= gate, d, big)
+            r, c = linear_sum_assignment(cost)
+            good = cost[r, c] < big
+            r, c = r[good], c[good]
+            out[c] = self.ids[r]
+            self.pos[r] = cur[c]
+            self.size[r] = size[c]
+            self.last[r] = frame
+            # unmatched old tracks move with the drift
+            moved = np.ones(len(self.ids), bool)
+            moved[r] = False
+            self.pos[moved] += shift
+            self.shift += shift
+        new = np.flatnonzero(out == 0)
+        if len(new):
+            nid = np.arange(self.next_id, self.next_id + len(new))
+            self.next_id += len(new)
+            out[new] = nid
+            self.ids = np.concatenate([self.ids, nid])
+            self.pos = np.concatenate([self.pos, cur[new]])
+            self.size = np.concatenate([self.size, size[new]])
+            self.last = np.concatenate([self.last, np.full(len(new), frame)])
+        return out
+
+
+class _Dets:
+    """Detections in the shape ultralytics' trackers expect (``conf, cls, xywh``, indexing)."""
+
+    def __init__(self, boxes: np.ndarray):
+        b = np.asarray(boxes, float).reshape(-1, 6)
+        self.data = b
+        self.conf = b[:, 4]
+        self.cls = b[:, 5]
+        self.xyxy = b[:, :4]
+        self.xywh = np.stack(
+            [
+                (b[:, 0] + b[:, 2]) / 2,
+                (b[:, 1] + b[:, 3]) / 2,
+                b[:, 2] - b[:, 0],
+                b[:, 3] - b[:, 1],
+            ],
+            axis=1,
+        )
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx):
+        return _Dets(self.data[idx])
+
+
+class _UltralyticsTracker:
+    """ByteTrack / BoT-SORT from ultralytics, frame by frame, returning ids per detection."""
+
+    def __init__(self, method: str, **overrides):
+        from . import _runtime
+
+        _runtime.ultralytics()
+        import yaml
+        from ultralytics.trackers.bot_sort import BOTSORT
+        from ultralytics.trackers.byte_tracker import BYTETracker
+        from ultralytics.utils import ROOT, IterableSimpleNamespace
+
+        cfg = yaml.safe_load((ROOT / "cfg" / "trackers" / f"{method}.yaml").read_text())
+        cfg.update({"track_high_thresh": 0.2, "new_track_thresh": 0.25, "track_buffer": 10})
+        if method == "botsort":
+            cfg.update({"with_reid": False})
+        cfg.update(overrides)
+        args = IterableSimpleNamespace(**cfg)
+        self.tracker = (BOTSORT if method == "botsort" else BYTETracker)(args)
+        self.method = method
+
+    def update(self, frame: int, boxes: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        dets = _Dets(boxes)
+        img = None
+        if image is not None and self.method == "botsort":
+            img = (
+                np.repeat(np.asarray(image)[..., None], 3, axis=2) if np.ndim(image) == 2 else image
+            )
+        out = self.tracker.update(dets, img)
+        ids = np.zeros(len(dets), int)
+        if len(out):
+            ids[out[:, -1].astype(int)] = out[:, 4].astype(int)
+        return ids  # 0 = not (yet) confirmed
+
+
+def link(
+    detections: pd.DataFrame,
+    method: str = "linker",
+    max_distance_px: float = 8.0,
+    memory: int = 3,
+    drift: bool = True,
+    min_length: int = 1,
+) -> pd.DataFrame:
+    """Link per-frame detections into tracks.
+
+    Parameters
+    ----------
+    detections
+        Table with ``frame, x1, y1, x2, y2`` (px) and optionally ``conf, cls``.
+    method
+        ``"linker"``, ``"bytetrack"`` or ``"botsort"`` (see the module docstring; BoT-SORT's
+        motion compensation needs images and is used by :func:`track_frames`).
+    max_distance_px, memory, drift
+        Options of :class:`Linker`.
+    min_length
+        Drop tracks seen in fewer frames (suppresses one-frame false detections).
+
+    Returns
+    -------
+    pd.DataFrame
+        ``detections`` with a ``track_id`` column (rows without a track dropped).
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
+    missing = {"frame", "x1", "y1", "x2", "y2"} - set(detections.columns)
+    if missing:
+        raise ValueError(
+            f"Detections lack columns {sorted(missing)}; expected frame, x1, y1, x2, y2"
+        )
+    det = detections.copy()
+    if "conf" not in det:
+        det["conf"] = 1.0
+    if "cls" not in det:
+        det["cls"] = 0
+    det = det.sort_values("frame", kind="stable").reset_index(drop=True)
+    tracker = (
+        Linker(max_distance_px, memory, drift)
+        if method == "linker"
+        else _UltralyticsTracker(method)
+    )
+    ids = np.zeros(len(det), int)
+    cols = ["x1", "y1", "x2", "y2", "conf", "cls"]
+    for f, idx in det.groupby("frame").indices.items():
+        ids[idx] = tracker.update(int(f), det.loc[idx, cols].to_numpy(float))
+    det["track_id"] = ids
+    det = det[det.track_id > 0]
+    return filter_tracks(det, min_length)
+
+
+def filter_tracks(tracks: pd.DataFrame, min_length: int = 1) -> pd.DataFrame:
+    """Tracks seen in at least ``min_length`` frames."""
+    if min_length <= 1 or tracks.empty:
+        return tracks.reset_index(drop=True)
+    n = tracks.groupby("track_id").frame.transform("size")
+    return tracks[n >= min_length].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------
+# Detection + tracking of frames
+
+
+def _finish_table(tracks, nm_per_px, fps, dose_rate, dose=None) -> pd.DataFrame:
+    t = tracks.copy()
+    if t.empty:
+        return pd.DataFrame(columns=TRACK_COLUMNS)
+    t["row"] = (t.y1 + t.y2) / 2
+    t["col"] = (t.x1 + t.x2) / 2
+    t["diameter_px"] = ((t.x2 - t.x1) + (t.y2 - t.y1)) / 2
+    t["diameter_nm"] = t.diameter_px * nm_per_px if nm_per_px else np.nan
+    t["time_s"] = t.frame / fps if fps else np.nan
+    if dose is not None:
+        t["dose"] = np.asarray(dose)[t.frame.to_numpy(int)]
+    else:
+        t["dose"] = t.time_s * dose_rate if dose_rate else np.nan
+    t["cls"] = t.cls.astype(int)
+    t["track_id"] = t.track_id.astype(int)
+    return t[TRACK_COLUMNS].sort_values(["frame", "track_id"]).reset_index(drop=True)
+
+
+def _frames_iter(source):
+    """(index, name, grey frame) from a folder, a video file, a list of paths or (T, M, N)."""
+    if isinstance(source, str | Path):
+        p = Path(source)
+        if p.is_dir():
+            files = insitu.list_frames(p)
+            if not files:
+                raise FileNotFoundError(f"No frames (png, jpg, tif) in {p}")
+            for i, f in enumerate(files):
+                yield i, f.name, detect.read_image(f)
+            return
+        if p.is_file():
+            import cv2
+
+            cap = cv2.VideoCapture(str(p))
+            if not cap.isOpened():
+                raise ValueError(f"{p} is not a readable video or folder of frames")
+            i = 0
+            try:
+                while True:
+                    ok, img = cap.read()
+                    if not ok:
+                        break
+                    yield i, f"{p.stem}_{i:05d}", detect.to_gray8(img[..., ::-1])
+                    i += 1
+            finally:
+                cap.release()
+            if i == 0:
+                raise ValueError(f"{p} is not a readable video or folder of frames")
+            return
+        raise FileNotFoundError(f"No such folder or video file: {p}")
+    for i, f in enumerate(source):
+        if isinstance(f, str | Path):
+            yield i, Path(f).name, detect.read_image(f)
+        else:
+            yield i, f"frame{i:05d}", detect.to_gray8(np.asarray(f))
+
+
+def track_frames(
+    source,
+    model="insitu",
+    method: str = "linker",
+    conf: float = 0.25,
+    iou: float = 0.5,
+    tile: int | None = None,
+    nm_per_px: float | None = None,
+    fps: float | None = None,
+    dose_rate: float | None = None,
+    dose: np.ndarray | None = None,
+    max_distance_px: float = 8.0,
+    memory: int = 3,
+    min_length: int = 1,
+    progress: bool = True,
+    timings: list | None = None,
+) -> pd.DataFrame:
+    """Detect and track defects through a sequence of frames.
+
+    Parameters
+    ----------
+    source
+        Folder of frames (natural order), a video file, a list of paths, or (T, M, N) frames.
+    model
+        A model name (``"insitu"``), path, or a loaded :class:`temlib.detect.Detector`.
+    method
+        ``"linker"``, ``"bytetrack"`` or ``"botsort"``.
+    conf, iou, tile
+        Detection options (:meth:`temlib.detect.Detector.predict`).
+    nm_per_px, fps, dose_rate, dose
+        Calibration (nm/px), frame rate (frames/s), dose rate (dpa/s) or the (T,) dose of
+        each frame: fill ``diameter_nm``, ``time_s`` and ``dose`` (NaN when not given).
+    max_distance_px, memory, min_length
+        Linking options (:func:`link`).
+    progress
+        Show a tqdm bar.
+    timings
+        If a list, per-frame wall times (s) of detection + linking are appended to it.
+
+    Returns
+    -------
+    pd.DataFrame
+        The tracks table (columns :data:`TRACK_COLUMNS`).
+    """
+    from tqdm.auto import tqdm
+
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
+    det = model if isinstance(model, detect.Detector) else detect.load_detector(model)
+    tracker = (
+        Linker(max_distance_px, memory, True) if method == "linker" else _UltralyticsTracker(method)
+    )
+    parts = []
+    n = len(source) if isinstance(source, list | tuple | np.ndarray) else None
+    for i, _name, img in tqdm(_frames_iter(source), total=n, desc="track", disable=not progress):
+        t0 = time.perf_counter()
+        b = det.predict(img, conf=conf, iou=iou, tile=tile)[0]
+        ids = tracker.update(i, b, img) if method != "linker" else tracker.update(i, b)
+        if timings is not None:
+            timings.append(time.perf_counter() - t0)
+        keep = ids > 0
+        parts.append(
+            pd.DataFrame(
+                {
+                    "frame": i,
+                    "track_id": ids[keep],
+                    "x1": b[keep, 0],
+                    "y1": b[keep, 1],
+                    "x2": b[keep, 2],
+                    "y2": b[keep, 3],
+                    "conf": b[keep, 4],
+                    "cls": b[keep, 5].astype(int),
+                }
+            )
+        )
+    tracks = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if tracks.empty:
+        return pd.DataFrame(columns=TRACK_COLUMNS)
+    tracks = filter_tracks(tracks, min_length)
+    return _finish_table(tracks, nm_per_px, fps, dose_rate, dose)
+
+
+def truth_as_tracks(video: insitu.InsituVideo) -> pd.DataFrame:
+    """The ground truth of a synthetic video as a tracks table (conf = 1)."""
+    t = video.truth.copy()
+    t["conf"] = 1.0
+    fps = 1.0 / (video.time_s[1] - video.time_s[0]) if len(video.time_s) > 1 else 1.0
+    return _finish_table(t, video.nm_per_px, fps, None, video.dose)
+
+
+# --------------------------------------------------------------------------------------
+# Events, growth, density
+
+
+def find_events(
+    tracks: pd.DataFrame,
+    n_frames: int | None = None,
+    shape: tuple[int, int] | None = None,
+    border_px: float = 4.0,
+    margin_px: float = 3.0,
+    gap: int = 3,
+) -> pd.DataFrame:
+    """Nucleation, disappearance and coalescence events from a tracks table.
+
+    - nucleation: the first frame of a track that does not start at frame 0 (nor at the
+      image border, where defects drift in, when ``shape`` is given);
+    - coalescence: a track ends at frame ``f`` (last seen ``f - 1``) while another track
+      that was present before is, within ``gap`` frames, at most its half size +
+      ``margin_px`` from the ended track's last centre: ``track_id`` merged into ``other_id``;
+    - disappearance: any other end before the last frame (and away from the border).
+
+    Parameters
+    ----------
+    tracks
+        Tracks table (``frame, track_id, x1, y1, x2, y2``).
+    n_frames
+        Number of frames of the video (default: last frame + 1).
+    shape
+        Frame shape (M, N), to ignore tracks entering or leaving across the border.
+    border_px, margin_px, gap
+        Tolerances (px, px, frames).
+
+    Returns
+    -------
+    pd.DataFrame
+        ``frame, event, track_id, other_id, row, col`` (``frame`` = first frame of a new
+        track, or first frame without an ended one).
+    """
+    cols = ["frame", "event", "track_id", "other_id", "row", "col"]
+    if tracks.empty:
+        return pd.DataFrame(columns=cols)
+    t = tracks.copy()
+    t["row"] = (t.y1 + t.y2) / 2
+    t["col"] = (t.x1 + t.x2) / 2
+    t["size"] = ((t.x2 - t.x1) + (t.y2 - t.y1)) / 2
+    last_frame = (n_frames - 1) if n_frames else int(t.frame.max())
+    g = t.sort_values("frame").groupby("track_id")
+    first, last = g.head(1).set_index("track_id"), g.tail(1).set_index("track_id")
+
+    def at_border(r):
+        if shape is None:
+            return False
+        return (
+            r.x1 <= border_px
+            or r.y1 <= border_px
+            or r.x2 >= shape[1] - border_px
+            or r.y2 >= shape[0] - border_px
+        )
+
+    events = []
+    for tid, r in first.iterrows():
+        if r.frame > 0 and not at_border(r):
+            events.append((int(r.frame), "nucleation", int(tid), 0, r.row, r.col))
+    by_frame = {f: d for f, d in t.groupby("frame")}
+    for tid, r in last.iterrows():
+        if r.frame >= last_frame or at_border(r):
+            continue
+        end = int(r.frame) + 1
+        best = None
+        for f in range(end, min(end + gap, last_frame + 1)):
+            d = by_frame.get(f)
+            if d is None:
+                continue
+            d = d[(d.track_id != tid) & (d.track_id.map(first.frame) < end)]
+            if d.empty:
+                continue
+            dist = np.hypot(d.row - r.row, d.col - r.col)
+            ok = dist <= d["size"] / 2 + margin_px + r["size"] / 2 * 0.5
+            if ok.any():
+                best = int(d.track_id[ok].iloc[int(np.argmin(dist[ok].to_numpy()))])
+                break
+        if best is not None:
+            events.append((end, "coalescence", int(tid), best, r.row, r.col))
+        else:
+            events.append((end, "disappearance", int(tid), 0, r.row, r.col))
+    ev = pd.DataFrame(events, columns=cols)
+    return ev.sort_values(["frame", "event", "track_id"]).reset_index(drop=True)
+
+
+def growth_rates(tracks: pd.DataFrame, min_frames: int = 5) -> pd.DataFrame:
+    """Per-track growth: slope of ``diameter_nm`` (or ``diameter_px``) versus time.
+
+    Returns
+    -------
+    pd.DataFrame
+        ``track_id, first_frame, last_frame, n_frames, diameter_start, diameter_end,
+        rate_per_s`` (nm/s, or px/s without a calibration; per frame without ``time_s``),
+        ``cls`` (the most frequent class).
+    """
+    rows = []
+    use = "diameter_nm" if tracks["diameter_nm"].notna().any() else "diameter_px"
+    for tid, d in tracks.groupby("track_id"):
+        if len(d) < min_frames:
+            continue
+        x = d.time_s.to_numpy(float) if d.time_s.notna().all() else d.frame.to_numpy(float)
+        y = d[use].to_numpy(float)
+        slope = np.polyfit(x, y, 1)[0] if np.ptp(x) > 0 else np.nan
+        rows.append(
+            {
+                "track_id": int(tid),
+                "first_frame": int(d.frame.min()),
+                "last_frame": int(d.frame.max()),
+                "n_frames": len(d),
+                "diameter_start": float(np.median(y[:3])),
+                "diameter_end": float(np.median(y[-3:])),
+                "rate_per_s": float(slope),
+                "cls": int(d.cls.mode().iloc[0]),
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "track_id",
+            "first_frame",
+            "last_frame",
+            "n_frames",
+            "diameter_start",
+            "diameter_end",
+            "rate_per_s",
+            "cls",
+        ],
+    )
+
+
+def density_vs_dose(
+    tracks: pd.DataFrame,
+    shape: tuple[int, int],
+    nm_per_px: float,
+    n_frames: int | None = None,
+    dose: np.ndarray | None = None,
+    fps: float | None = None,
+) -> pd.DataFrame:
+    """Areal defect density and sizes per frame.
+
+    Parameters
+    ----------
+    tracks
+        Tracks (or detections) table with ``frame`` and ``diameter_px``/box columns.
+    shape
+        Frame shape (M, N) px.
+    nm_per_px
+        Pixel size (nm).
+    n_frames
+        Number of frames (frames without defects count as zero); default last frame + 1.
+    dose
+        (T,) dose per frame (dpa); default the table's ``dose`` column where present.
+    fps
+        Frames per second for ``time_s``; default the table's ``time_s``.
+
+    Returns
+    -------
+    pd.DataFrame
+        ``frame, time_s, dose, count, density_per_um2, mean_diameter_nm,
+        median_diameter_nm, count_dot, count_loop``.
+    """
+    if nm_per_px is None or not nm_per_px > 0:
+        raise ValueError(f"nm_per_px must be positive, got {nm_per_px!r}")
+    if len(shape) != 2 or min(shape) <= 0:
+        raise ValueError(f"shape must be (M, N) px, got {shape!r}")
+    n = int(n_frames) if n_frames else (int(tracks.frame.max()) + 1 if len(tracks) else 0)
+    area_um2 = shape[0] * shape[1] * nm_per_px**2 * 1e-6
+    t = tracks.copy()
+    if "diameter_px" not in t:
+        t["diameter_px"] = ((t.x2 - t.x1) + (t.y2 - t.y1)) / 2
+    t["d_nm"] = t.diameter_px * nm_per_px
+    g = t.groupby("frame")
+    out = pd.DataFrame({"frame": np.arange(n)})
+    out["count"] = out.frame.map(g.size()).fillna(0).astype(int)
+    out["density_per_um2"] = out["count"] / area_um2
+    out["mean_diameter_nm"] = out.frame.map(g.d_nm.mean())
+    out["median_diameter_nm"] = out.frame.map(g.d_nm.median())
+    if "cls" in t:
+        for c, name in ((0, "count_dot"), (1, "count_loop")):
+            out[name] = out.frame.map(t[t.cls == c].groupby("frame").size()).fillna(0).astype(int)
+    if dose is not None:
+        out["dose"] = np.asarray(dose, float)[:n]
+    elif "dose" in t and t.dose.notna().any():
+        out["dose"] = out.frame.map(g.dose.first())
+    else:
+        out["dose"] = np.nan
+    if fps:
+        out["time_s"] = out.frame / fps
+    elif "time_s" in t:
+        out["time_s"] = out.frame.map(g.time_s.first())
+    else:
+        out["time_s"] = np.nan
+    cols = [
+        "frame",
+        "time_s",
+        "dose",
+        "count",
+        "density_per_um2",
+        "mean_diameter_nm",
+        "median_diameter_nm",
+    ]
+    return out[cols + [c for c in ("count_dot", "count_loop") if c in out]]
+
+
+def spatial_map(
+    rows: pd.DataFrame,
+    shape: tuple[int, int],
+    bin_px: int = 64,
+    nm_per_px: float | None = None,
+    n_frames: int = 1,
+) -> np.ndarray:
+    """2D histogram (rows, cols) of positions: nucleation sites or defect density.
+
+    Parameters
+    ----------
+    rows
+        Table with ``row, col`` (px) or boxes; e.g. the nucleation events, or tracks.
+    shape
+        Frame shape (M, N) px.
+    bin_px
+        Bin size (px).
+    nm_per_px
+        If given, the map is a density per um^2 (divided by ``n_frames`` as well: the
+        mean density per frame when ``rows`` holds every frame of the tracks).
+    n_frames
+        Number of frames ``rows`` covers.
+
+    Returns
+    -------
+    np.ndarray
+        (ceil(M / bin_px), ceil(N / bin_px)) counts or densities.
+    """
+    if bin_px < 1:
+        raise ValueError(f"bin_px must be a positive integer, got {bin_px!r}")
+    r = rows["row"] if "row" in rows else (rows.y1 + rows.y2) / 2
+    c = rows["col"] if "col" in rows else (rows.x1 + rows.x2) / 2
+    nb = (int(np.ceil(shape[0] / bin_px)), int(np.ceil(shape[1] / bin_px)))
+    h, _, _ = np.histogram2d(r, c, bins=nb, range=[[0, nb[0] * bin_px], [0, nb[1] * bin_px]])
+    if nm_per_px:
+        h = h / ((bin_px * nm_per_px) ** 2 * 1e-6) / max(n_frames, 1)
+    return h
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_detection(
+    detector,
+    images: list[np.ndarray],
+    boxes: list[np.ndarray],
+    iou_thresholds=(0.5, 0.3, 0.1),
+    conf: float = 0.25,
+    tile: int | None = None,
+    names: list[str] | None = None,
+    classes: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Precision, recall and F1 of a detector on labelled images (class-agnostic).
+
+    Parameters
+    ----------
+    detector
+        A :class:`temlib.detect.Detector` or anything :func:`temlib.detect.load_detector` takes.
+    images, boxes
+        Images (M, N) and their (K, 5) ``[cls, x1, y1, x2, y2]`` truths.
+    iou_thresholds
+        IoU thresholds to score at.
+    conf, tile
+        Detection options.
+    names
+        Image names for the per-image table.
+    classes
+        Also score each class separately (a prediction must have the truth's class).
+
+    Returns
+    -------
+    per_image, totals
+        ``per_image``: ``image, n_true, n_pred, f1@<t>`` per image; ``totals``: one row
+        per IoU threshold (and class when ``classes``): ``iou, cls, tp, fp, fn, precision,
+        recall, f1`` summed over images (``cls`` = ``"all"`` for class-agnostic).
+    """
+    det = detector if isinstance(detector, detect.Detector) else detect.load_detector(detector)
+    if len(images) != len(boxes):
+        raise ValueError(
+            f"Got {len(images)} images and {len(boxes)} box arrays; expected one per image"
+        )
+    preds = [det.predict(im, conf=conf, tile=tile)[0] for im in images]
+    per_image, acc = [], {}
+    cls_sets = [("all", None)] + (
+        [(n, i) for i, n in enumerate(insitu.CLASS_NAMES)] if classes else []
+    )
+    for i, (p, b) in enumerate(zip(preds, boxes, strict=True)):
+        b = np.asarray(b, float).reshape(-1, 5)
+        row = {"image": names[i] if names else i, "n_true": len(b), "n_pred": len(p)}
+        for th in iou_thresholds:
+            for cname, ci in cls_sets:
+                pp = p if ci is None else p[p[:, 5] == ci]
+                bb = b if ci is None else b[b[:, 0] == ci]
+                m = detect.match(pp, bb, th)
+                a = acc.setdefault((th, cname), [0, 0, 0])
+                a[0] += m["tp"]
+                a[1] += m["fp"]
+                a[2] += m["fn"]
+                if ci is None:
+                    row[f"f1@{th}"] = m["f1"]
+        per_image.append(row)
+    tot = []
+    for (th, cname), (tp, fp, fn) in acc.items():
+        pr = tp / (tp + fp) if tp + fp else 1.0
+        rc = tp / (tp + fn) if tp + fn else 1.0
+        f1 = 2 * pr * rc / (pr + rc) if pr + rc else 0.0
+        tot.append(
+            {
+                "iou": th,
+                "cls": cname,
+                "tp": tp,
+                "fp": fp,
+                "fn": fn,
+                "precision": pr,
+                "recall": rc,
+                "f1": f1,
+            }
+        )
+    return pd.DataFrame(per_image), pd.DataFrame(tot)
+
+
+def _box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return detect.box_iou(a, b)
+
+
+def tracking_metrics(truth: pd.DataFrame, tracks: pd.DataFrame, iou_threshold: float = 0.5) -> dict:
+    """MOTA, IDF1, HOTA, identity switches of ``tracks`` against ``truth`` (TrackEval).
+
+    Both tables hold ``frame, track_id, x1, y1, x2, y2``. Similarity is box IoU; a pair
+    matches at IoU >= ``iou_threshold`` for CLEAR (MOTA) and Identity (IDF1); HOTA
+    averages over its own thresholds 0.05..0.95.
+
+    Returns
+    -------
+    dict
+        ``mota, motp, idf1, hota, deta, assa, id_switches, fp, fn, n_true_tracks,
+        n_tracks, mostly_tracked``.
+    """
+    from trackeval.metrics import CLEAR, HOTA, Identity
+
+    frames = sorted(set(truth.frame.astype(int)) | set(tracks.frame.astype(int)))
+    gt_ids = {v: i for i, v in enumerate(sorted(truth.track_id.unique()))}
+    tr_ids = {v: i for i, v in enumerate(sorted(tracks.track_id.unique()))}
+    tg, tt = truth.groupby("frame"), tracks.groupby("frame")
+    gtf, trf = set(tg.groups), set(tt.groups)
+    data = {"gt_ids": [], "tracker_ids": [], "similarity_scores": []}
+    cols = ["x1", "y1", "x2", "y2"]
+    for f in frames:
+        g = tg.get_group(f) if f in gtf else truth.iloc[:0]
+        t = tt.get_group(f) if f in trf else tracks.iloc[:0]
+        data["gt_ids"].append(np.array([gt_ids[v] for v in g.track_id], int))
+        data["tracker_ids"].append(np.array([tr_ids[v] for v in t.track_id], int))
+        data["similarity_scores"].append(
+            _box_iou_xyxy(g[cols].to_numpy(float), t[cols].to_numpy(float)).reshape(len(g), len(t))
+        )
+    data.update(
+        num_timesteps=len(frames),
+        num_gt_ids=len(gt_ids),
+        num_tracker_ids=len(tr_ids),
+        num_gt_dets=int(len(truth)),
+        num_tracker_dets=int(len(tracks)),
+    )
+    clear = CLEAR({"THRESHOLD": iou_threshold, "PRINT_CONFIG": False}).eval_sequence(data)
+    ident = Identity({"THRESHOLD": iou_threshold, "PRINT_CONFIG": False}).eval_sequence(data)
+    hota = HOTA().eval_sequence(data)
+    return {
+        "mota": float(clear["MOTA"]),
+        "motp": float(clear["MOTP"]),
+        "idf1": float(ident["IDF1"]),
+        "hota": float(np.mean(hota["HOTA"])),
+        "deta": float(np.mean(hota["DetA"])),
+        "assa": float(np.mean(hota["AssA"])),
+        "id_switches": int(clear["IDSW"]),
+        "fp": int(clear["CLR_FP"]),
+        "fn": int(clear["CLR_FN"]),
+        "n_true_tracks": len(gt_ids),
+        "n_tracks": len(tr_ids),
+        "mostly_tracked": int(clear["MT"]),
+    }
+
+
+def event_scores(
+    true_events: pd.DataFrame,
+    found_events: pd.DataFrame,
+    frame_tolerance: int = 3,
+    distance_px: float = 10.0,
+) -> pd.DataFrame:
+    """Precision / recall of detected events against true ones, per event type.
+
+    A found event matches a true one of the same type within ``frame_tolerance`` frames and
+    ``distance_px`` px (one-to-one, Hungarian on distance).
+
+    Returns
+    -------
+    pd.DataFrame
+        ``event, n_true, n_found, tp, precision, recall, f1``.
+    """
+    rows = []
+    for ev in ("nucleation", "coalescence", "disappearance"):
+        a = true_events[true_events.event == ev]
+        b = found_events[found_events.event == ev]
+        tp = 0
+        if len(a) and len(b):
+            d = np.hypot(
+                a.row.to_numpy()[:, None] - b.row.to_numpy()[None],
+                a.col.to_numpy()[:, None] - b.col.to_numpy()[None],
+            )
+            df = np.abs(a.frame.to_numpy()[:, None] - b.frame.to_numpy()[None])
+            ok = (d <= distance_px) & (df <= frame_tolerance)
+            cost = np.where(ok, d + df, 1e6)
+            r, c = linear_sum_assignment(cost)
+            tp = int((cost[r, c] < 1e6).sum())
+        pr = tp / len(b) if len(b) else (1.0 if not len(a) else 0.0)
+        rc = tp / len(a) if len(a) else 1.0
+        f1 = 2 * pr * rc / (pr + rc) if pr + rc else 0.0
+        rows.append(
+            {
+                "event": ev,
+                "n_true": len(a),
+                "n_found": len(b),
+                "tp": tp,
+                "precision": pr,
+                "recall": rc,
+                "f1": f1,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def visible_events(video: insitu.InsituVideo, border_px: float = 4.0) -> pd.DataFrame:
+    """The generator's events as they can be seen: at frames with the defect in view.
+
+    Nucleations count at the first frame a track is visible; ends (coalescence,
+    disappearance) at the frame after its last visible one; events of tracks that are
+    never visible, or that touch the border, are dropped (as :func:`find_events` does).
+    """
+    t = truth_as_tracks(video)
+    shape = video.frames.shape[1:]
+    ev = video.events
+    g = t.sort_values("frame").groupby("track_id")
+    first, last = g.head(1).set_index("track_id"), g.tail(1).set_index("track_id")
+
+    def border(r):
+        return (
+            r.x1 <= border_px
+            or r.y1 <= border_px
+            or r.x2 >= shape[1] - border_px
+            or r.y2 >= shape[0] - border_px
+        )
+
+    rows = []
+    for _, e in ev.iterrows():
+        tid = e.track_id
+        if tid not in first.index:
+            continue
+        if e.event == "nucleation":
+            r = first.loc[tid]
+            if r.frame > 0 and not border(r):
+                rows.append((int(r.frame), e.event, tid, 0, r.row, r.col))
+        else:
+            r = last.loc[tid]
+            if r.frame + 1 < len(video.frames) and not border(r):
+                rows.append((int(r.frame) + 1, e.event, tid, int(e.other_id), r.row, r.col))
+    return pd.DataFrame(rows, columns=["frame", "event", "track_id", "other_id", "row", "col"])
+
+
+# --------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_tracks(image: np.ndarray, tracks: pd.DataFrame, frame: int, ax=None, tail: int = 20):
+    """Show ``image`` with the boxes of ``frame`` and each track's path over ``tail`` frames."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.gca()
+    ax.imshow(image, cmap="gray")
+    now = tracks[tracks.frame == frame]
+    past = tracks[(tracks.frame <= frame) & (tracks.frame > frame - tail)]
+    cmap = plt.get_cmap("tab20")
+    for tid, d in past.groupby("track_id"):
+        if tid in set(now.track_id):
+            ax.plot(d.col, d.row, "-", color=cmap(tid % 20), lw=1)
+    for _, r in now.iterrows():
+        ax.add_patch(
+            plt.Rectangle(
+                (r.x1, r.y1),
+                r.x2 - r.x1,
+                r.y2 - r.y1,
+                fill=False,
+                lw=1,
+                color=cmap(int(r.track_id) % 20),
+            )
+        )
+    ax.set_title(f"frame {frame}: {len(now)} defects")
+    ax.set_axis_off()
+    return ax
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+
+
+def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False, float_format="%.4g")
+    os.replace(tmp, path)
+
+
+def watch_folder(
+    folder,
+    out_csv,
+    model="insitu",
+    conf: float = 0.25,
+    tile: int | None = None,
+    nm_per_px: float | None = None,
+    fps: float | None = None,
+    dose_rate: float | None = None,
+    max_distance_px: float = 8.0,
+    memory: int = 3,
+    poll_s: float = 0.2,
+    idle_timeout_s: float | None = None,
+    max_frames: int | None = None,
+    on_frame=None,
+) -> pd.DataFrame:
+    """Follow a folder as the camera writes frames; detect, link and report live counts.
+
+    A frame is read once its size stopped changing between two polls. The tracks table
+    is rewritten (atomically) to ``out_csv`` after every frame.
+
+    Parameters
+    ----------
+    folder
+        Folder the camera writes frames into (natural order of names = time order).
+    out_csv
+        Tracks table written after every frame.
+    idle_timeout_s
+        Stop after this many seconds without a new frame (None: until interrupted).
+    max_frames
+        Stop after this many frames.
+    on_frame
+        Called as ``on_frame(frame, n_defects, n_tracks, density_per_um2)`` after each frame.
+
+    Other parameters are as in :func:`track_frames`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder to watch")
+    det = model if isinstance(model, detect.Detector) else detect.load_detector(model)
+    linker = Linker(max_distance_px, memory, True)
+    seen: set[str] = set()
+    sizes: dict[str, int] = {}
+    parts: list[pd.DataFrame] = []
+    i = 0
+    idle_since = time.monotonic()
+    tracks = pd.DataFrame(columns=TRACK_COLUMNS)
+    try:
+        while max_frames is None or i < max_frames:
+            ready = []
+            for p in insitu.list_frames(folder):
+                if p.name in seen or p.name.startswith("."):
+                    continue
+                s = p.stat().st_size
+                if s > 0 and sizes.get(p.name) == s:
+                    ready.append(p)
+                sizes[p.name] = s
+            if not ready:
+                if idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+                    break
+                time.sleep(poll_s)
+                continue
+            idle_since = time.monotonic()
+            for p in ready:
+                if max_frames is not None and i >= max_frames:
+                    break
+                seen.add(p.name)
+                img = detect.read_image(p)
+                b = det.predict(img, conf=conf, tile=tile)[0]
+                ids = linker.update(i, b)
+                parts.append(
+                    pd.DataFrame(
+                        {
+                            "frame": i,
+                            "track_id": ids,
+                            "x1": b[:, 0],
+                            "y1": b[:, 1],
+                            "x2": b[:, 2],
+                            "y2": b[:, 3],
+                            "conf": b[:, 4],
+                            "cls": b[:, 5].astype(int),
+                        }
+                    )
+                )
+                tracks = _finish_table(
+                    pd.concat(parts, ignore_index=True), nm_per_px, fps, dose_rate
+                )
+                _write_csv_atomic(tracks, out_csv)
+                dens = np.nan
+                if nm_per_px:
+                    dens = len(b) / (img.shape[0] * img.shape[1] * nm_per_px**2 * 1e-6)
+                if on_frame is not None:
+                    on_frame(i, len(b), int(tracks.track_id.nunique()), dens)
+                i += 1
+    except KeyboardInterrupt:
+        logger.info("watch interrupted after %d frames", i)
+    if not parts:
+        _write_csv_atomic(tracks, out_csv)
+    return tracks
+
+
+def _cli_track(parser):
+    parser.add_argument(
+        "source", help="folder of frames (png, jpg, tif; grey or RGB) or a video file"
+    )
+    parser.add_argument(
+        "--out", required=True, help="tracks table (csv): one row per defect per frame"
+    )
+    parser.add_argument(
+        "--model",
+        default="insitu",
+        help="'insitu' (data/models/insitu/, trained by notebook 07) or a weights path",
+    )
+    parser.add_argument(
+        "--method", default="linker", choices=METHODS, help="linking method (default linker)"
+    )
+    parser.add_argument(
+        "--watch", action="store_true", help="follow the folder as frames arrive, with live counts"
+    )
+    parser.add_argument("--fps", type=float, default=None, help="frames per second (for time_s)")
+    parser.add_argument(
+        "--dose-rate", type=float, default=None, help="dose rate in dpa/s (for dose; needs --fps)"
+    )
+    parser.add_argument(
+        "--nm-per-px", type=float, default=None, help="calibration (for diameter_nm, density)"
+    )
+    parser.add_argument(
+        "--conf", type=float, default=0.25, help="detection confidence threshold (default 0.25)"
+    )
+    parser.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="tile size in px for large frames (default: whole frame)",
+    )
+    parser.add_argument(
+        "--max-distance", type=float, default=8.0, help="largest displacement between frames, px"
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        help="with --watch: stop after this many idle seconds",
+    )
+
+    def run(args) -> int:
+        for name in ("fps", "dose_rate", "nm_per_px"):
+            v = getattr(args, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"--{name.replace('_', '-')} {v!r} must be positive")
+        if args.dose_rate is not None and args.fps is None:
+            raise ValueError("--dose-rate needs --fps to turn frames into dose")
+        if args.watch:
+            print(f"watching {args.source} (Ctrl-C to stop) ...", flush=True)
+
+            def show(i, n, ntr, dens):
+                extra = f", {dens:.0f} /um^2" if np.isfinite(dens) else ""
+                print(f"frame {i}: {n} defects{extra}, {ntr} tracks so far", flush=True)
+
+            t = watch_folder(
+                args.source,
+                args.out,
+                args.model,
+                args.conf,
+                args.tile,
+                args.nm_per_px,
+                args.fps,
+                args.dose_rate,
+                args.max_distance,
+                idle_timeout_s=args.idle_timeout,
+                on_frame=show,
+            )
+        else:
+            t = track_frames(
+                args.source,
+                args.model,
+                args.method,
+                args.conf,
+                tile=args.tile,
+                nm_per_px=args.nm_per_px,
+                fps=args.fps,
+                dose_rate=args.dose_rate,
+                max_distance_px=args.max_distance,
+            )
+            _write_csv_atomic(t, args.out)
+        n_frames = int(t.frame.max()) + 1 if len(t) else 0
+        print(
+            f"{t.track_id.nunique() if len(t) else 0} tracks, {len(t)} detections in {n_frames} frames; wrote {args.out}"
+        )
+        return 0
+
+    return run
