@@ -1,0 +1,118 @@
+"""Synthetic in-situ videos: planted defects, dose-driven nucleation, coalescence, real readers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from temlib import insitu
+
+
+@pytest.fixture(scope="module")
+def video():
+    return insitu.simulate_video(30, (160, 192), nucleation_per_nm2_dpa=0.2, dose_rate=5e-3, rng=7)
+
+
+def test_video_shapes_and_truth_consistent(video):
+    T, M, N = video.frames.shape
+    assert (T, M, N) == (30, 160, 192) and video.frames.dtype == np.uint8
+    assert video.masks.shape == (T, M, N)
+    t = video.truth
+    assert len(t) > 50 and set(t.cls) <= {0, 1}
+    assert (t.x1 >= 0).all() and (t.x2 <= N).all() and (t.y1 >= 0).all() and (t.y2 <= M).all()
+    assert (t.x2 > t.x1).all() and (t.y2 > t.y1).all()
+    # every listed defect appears in its frame's instance mask, at its box
+    for f in (5, 29):
+        ids = set(np.unique(video.masks[f])) - {0}
+        assert set(t[t.frame == f].track_id) <= ids | set()
+    # class follows size: black dots are small, loops large
+    assert t[t.cls == 0].diameter_nm.max() < 5.0 <= t[t.cls == 1].diameter_nm.min()
+    # defects are darker than the foil around them
+    r = t[(t.frame == 29) & (t.diameter_nm > 4)].iloc[0]
+    patch = video.frames[29, int(r.y1) : int(r.y2), int(r.x1) : int(r.x2)]
+    assert patch.min() < np.median(video.frames[29]) - 20
+
+
+def test_nucleation_follows_dose():
+    rate = np.r_[np.zeros(20), np.full(20, 1e-2)]  # beam blanked, then on
+    v = insitu.simulate_video(
+        40, (128, 128), dose_rate=rate, nucleation_per_nm2_dpa=0.1, rng=1, with_masks=False
+    )
+    nuc = v.events[v.events.event == "nucleation"]
+    assert (nuc.frame >= 20).all() and len(nuc) > 5
+    np.testing.assert_allclose(np.diff(v.dose)[19:], 1e-2 / 5.0)
+    assert v.dose[0] == 0 and np.all(np.diff(v.dose)[:19] == 0)
+
+
+def test_planted_coalescence_is_one_event():
+    planted = [
+        dict(row=64, col=50, diameter_nm=6.0, growth=0.25, loop_kind="inclined", aspect=1.0),
+        dict(row=64, col=80, diameter_nm=4.0, growth=0.25, loop_kind="inclined", aspect=1.0),
+    ]
+    v = insitu.simulate_video(
+        40, (128, 128), nucleation_per_nm2_dpa=0.0, initial=planted, hop_px=0.0, drift_px=0.0, rng=2
+    )
+    ev = v.events
+    co = ev[ev.event == "coalescence"]
+    assert len(co) == 1
+    assert int(co.track_id.iloc[0]) == 2 and int(co.other_id.iloc[0]) == 1  # smaller into larger
+    f = int(co.frame.iloc[0])
+    assert 0 < f < 40
+    assert v.truth[v.truth.track_id == 2].frame.max() == f - 1
+    assert v.truth[v.truth.frame == f].track_id.tolist() == [1]
+
+
+def test_training_frames_have_boxes_and_masks():
+    ims, boxes, masks = insitu.simulate_frames(
+        4, (96, 128), nm_per_px=0.8, density_per_um2=(800, 1000), rng=3
+    )
+    assert len(ims) == len(boxes) == len(masks) == 4
+    for im, b, m in zip(ims, boxes, masks, strict=True):
+        assert im.shape == m.shape == (96, 128) and im.dtype == np.uint8
+        assert b.shape[1] == 5 and len(b) > 0
+        assert set(np.unique(b[:, 0])) <= {0.0, 1.0}
+        assert (b[:, 3] <= 128).all() and (b[:, 4] <= 96).all()  # x2 <= N, y2 <= M
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_frames=0), "n_frames must be a positive integer"),
+        (dict(shape=(16, 64)), "shape must be (M, N)"),
+        (dict(dose_rate=-1.0), "dose_rate must be finite"),
+        (dict(nm_per_px=0.0), "must be positive"),
+    ],
+)
+def test_bad_inputs(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        insitu.simulate_video(**kwargs)
+
+
+def test_list_frames_natural_order(tmp_path):
+    frames = np.zeros((3, 40, 40), np.uint8)
+    insitu.write_frames(frames, tmp_path, prefix="f")
+    for src, dst in (
+        ("f00000.png", "Frame2.png"),
+        ("f00001.png", "Frame10.png"),
+        ("f00002.png", "Frame1.png"),
+    ):
+        (tmp_path / src).rename(tmp_path / dst)
+    assert [p.name for p in insitu.list_frames(tmp_path)] == [
+        "Frame1.png",
+        "Frame2.png",
+        "Frame10.png",
+    ]
+    with pytest.raises(NotADirectoryError, match="is not a folder of frames"):
+        insitu.list_frames(tmp_path / "missing")
+
+
+@pytest.mark.realdata
+def test_real_readers(shared_data):
+    ims, boxes, names = insitu.read_creme_316l()
+    assert len(ims) == 17 and ims[0].shape == (512, 512) and ims[-1].shape == (1024, 1024)
+    n = sum(len(b) for b in boxes[:16])
+    assert 150 <= n <= 220  # 186 polygons in the COCO file; touching masks may merge
+    ims, boxes, names = insitu.read_fecral_labelled()
+    assert len(ims) == 12 and sum(len(b) for b in boxes) == 1175
+    assert set(np.unique(np.concatenate(boxes)[:, 0])) == {0.0, 1.0}
+    assert len(insitu.fecral_video_frames()) == 150

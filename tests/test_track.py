@@ -1,0 +1,289 @@
+"""Tracking: planted videos are recovered with their identities, events, densities, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from temlib import cli, insitu, track
+
+
+def _detections_from_truth(video, rng, jitter_px=0.5, miss=0.0):
+    """Truth boxes as a detector would report them: jittered, some missed, ids removed."""
+    t = track.truth_as_tracks(video)
+    det = t.rename(columns={"track_id": "true_id"})
+    det[["x1", "x2"]] += rng.normal(0, jitter_px, (len(det), 1))
+    det[["y1", "y2"]] += rng.normal(0, jitter_px, (len(det), 1))
+    keep = rng.random(len(det)) >= miss
+    return t, det[keep].reset_index(drop=True), t[keep].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def drifting_video():
+    return insitu.simulate_video(
+        40,
+        (256, 256),
+        nucleation_per_nm2_dpa=0.1,
+        dose_rate=5e-3,
+        drift_px=1.0,
+        rng=11,
+        with_masks=False,
+    )
+
+
+@pytest.mark.parametrize("method", ["linker", "bytetrack"])
+def test_tracks_recovered_with_known_identities(drifting_video, method):
+    rng = np.random.default_rng(0)
+    truth, det, kept = _detections_from_truth(drifting_video, rng, jitter_px=0.3, miss=0.02)
+    assert np.abs(np.diff(drifting_video.drift, axis=0)).max() > 0.5  # the field really drifts
+    tracks = track.link(det, method=method)
+    m = track.tracking_metrics(truth, tracks)
+    assert m["idf1"] >= 0.9 and m["mota"] >= 0.85, m
+    if method == "linker":
+        # every long true track is found as exactly one track over its whole life
+        assert m["id_switches"] <= 2
+        long_true = truth.groupby("track_id").size()
+        long_true = long_true[long_true >= 10].index
+        pairs = tracks[tracks.true_id.isin(long_true)].groupby("true_id").track_id.nunique()
+        assert len(pairs) >= 10
+        assert (pairs == 1).mean() >= 0.95
+
+
+def test_coalescence_reported_as_one():
+    planted = [
+        dict(row=64, col=50, diameter_nm=6.0, growth=0.25, loop_kind="inclined", aspect=1.0),
+        dict(row=64, col=80, diameter_nm=4.0, growth=0.25, loop_kind="inclined", aspect=1.0),
+        dict(row=20, col=20, diameter_nm=4.0, growth=0.0, loop_kind="inclined", aspect=1.0),
+    ]
+    v = insitu.simulate_video(
+        40, (128, 128), nucleation_per_nm2_dpa=0.0, initial=planted, hop_px=0.0, drift_px=0.0, rng=2
+    )
+    _, det, _ = _detections_from_truth(v, np.random.default_rng(1), jitter_px=0.3)
+    tracks = track._finish_table(track.link(det), v.nm_per_px, 5.0, None)
+    ev = track.find_events(tracks, n_frames=40, shape=(128, 128))
+    co = ev[ev.event == "coalescence"]
+    assert len(co) == 1 and (ev.event == "disappearance").sum() == 0
+    true = track.visible_events(v)
+    scores = track.event_scores(true, ev).set_index("event")
+    assert scores.loc["coalescence", "tp"] == 1
+    # the survivor is the larger, left defect, and it grew through the merge
+    survivor = tracks[tracks.track_id == co.other_id.iloc[0]]
+    assert (
+        survivor.col.iloc[0] < 64 and survivor.diameter_px.iloc[-1] > survivor.diameter_px.iloc[0]
+    )
+
+
+def test_density_vs_dose_hand_made():
+    # 100 x 200 px at 0.5 nm/px = 50 x 100 nm = 0.005 um^2
+    t = pd.DataFrame(
+        {
+            "frame": [0, 1, 1, 3, 3, 3],
+            "track_id": [1, 1, 2, 1, 2, 3],
+            "x1": [0, 0, 10, 0, 10, 50],
+            "y1": [0, 0, 10, 0, 10, 50],
+            "x2": [4, 4, 20, 4, 20, 56],
+            "y2": [4, 4, 20, 4, 20, 58],
+            "cls": [0, 0, 1, 0, 1, 1],
+        }
+    )
+    dose = np.array([0.0, 0.1, 0.2, 0.3, 0.4])
+    d = track.density_vs_dose(t, (100, 200), 0.5, n_frames=5, dose=dose, fps=2.0)
+    assert d["count"].tolist() == [1, 2, 0, 3, 0]
+    np.testing.assert_allclose(d.density_per_um2, [200, 400, 0, 600, 0])
+    np.testing.assert_allclose(d.dose, dose)
+    np.testing.assert_allclose(d.time_s, [0, 0.5, 1.0, 1.5, 2.0])
+    np.testing.assert_allclose(d.mean_diameter_nm.iloc[[0, 1, 3]], [2.0, 3.5, (2 + 5 + 3.5) / 3])
+    assert d.count_dot.tolist() == [1, 1, 0, 1, 0] and d.count_loop.tolist() == [0, 1, 0, 2, 0]
+    with pytest.raises(ValueError, match="nm_per_px must be positive"):
+        track.density_vs_dose(t, (100, 200), 0.0)
+
+
+def test_spatial_map_and_growth():
+    rows = pd.DataFrame({"row": [5, 5, 70], "col": [5, 100, 5]})
+    h = track.spatial_map(rows, (128, 128), bin_px=64)
+    assert h.tolist() == [[1, 1], [1, 0]]
+    hd = track.spatial_map(rows, (128, 128), bin_px=64, nm_per_px=0.5, n_frames=2)
+    np.testing.assert_allclose(hd[0, 0], 1 / (32 * 32 * 1e-6) / 2)
+    t = pd.DataFrame(
+        {"frame": np.arange(10), "track_id": 1, "time_s": np.arange(10) / 2.0, "cls": 1}
+    )
+    t["diameter_nm"] = 3.0 + 0.4 * t.time_s
+    t["diameter_px"] = t.diameter_nm / 0.5
+    g = track.growth_rates(t)
+    np.testing.assert_allclose(g.rate_per_s, [0.4])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: track.Linker(max_distance_px=0), "max_distance_px must be positive"),
+        (lambda: track.Linker(memory=-1), "memory must be >= 0"),
+        (
+            lambda: track.link(pd.DataFrame({"frame": [0], "x1": [0]}), method="kalman"),
+            "Unknown method 'kalman'",
+        ),
+        (
+            lambda: track.link(pd.DataFrame({"frame": [0], "x1": [0]})),
+            r"Detections lack columns \['x2', 'y1', 'y2'\]",
+        ),
+    ],
+)
+def test_bad_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_empty_inputs():
+    empty = pd.DataFrame(columns=["frame", "track_id", "x1", "y1", "x2", "y2"])
+    assert track.find_events(empty).empty
+    assert track.link(empty.drop(columns="track_id")).empty
+
+
+# ---------------------------------------------------------------------------- with a model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny in-situ YOLO trained in seconds (it need not detect well: it exercises the I/O)."""
+    from temlib import detect
+
+    root = tmp_path_factory.mktemp("model")
+    ims, boxes, _ = insitu.simulate_frames(8, (96, 96), nm_per_px=0.6, rng=0)
+    ds = detect.write_yolo_dataset(ims, boxes, root / "ds", rng=0, class_names=insitu.CLASS_NAMES)
+    detect.train(ds, root / "m", imgsz=96, epochs=1, batch=4, model_cfg="yolo11n.yaml", workers=0)
+    return root / "m"
+
+
+def _frames_dir(path, n=3, shape=(100, 140), rgb=False):
+    v = insitu.simulate_video(
+        n, shape, nucleation_per_nm2_dpa=0.3, dose_rate=1e-2, rng=5, with_masks=False
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    if rgb:
+        from PIL import Image
+
+        for i, f in enumerate(v.frames):
+            Image.fromarray(np.repeat(f[..., None], 3, 2)).save(path / f"Frame{i}.jpg")
+    else:
+        insitu.write_frames(v.frames, path, prefix="Frame")
+    return path
+
+
+def test_cli_track_folder_and_detect(tiny_model, tmp_path, capsys):
+    frames = _frames_dir(tmp_path / "frames", rgb=True)
+    out = tmp_path / "tracks.csv"
+    rc = cli.main(
+        [
+            "track",
+            str(frames),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model),
+            "--conf",
+            "0.01",
+            "--fps",
+            "5",
+            "--dose-rate",
+            "0.001",
+            "--nm-per-px",
+            "0.4",
+        ]
+    )
+    assert rc == 0
+    t = pd.read_csv(out)
+    assert list(t.columns) == track.TRACK_COLUMNS
+    assert "tracks" in capsys.readouterr().out
+    # temlib detect with the same model: one txt per frame, same stem, class box conf
+    pred = tmp_path / "pred"
+    assert (
+        cli.main(
+            [
+                "detect",
+                str(frames),
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(pred),
+                "--conf",
+                "0.01",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.stem for p in pred.glob("*.txt")) == ["Frame0", "Frame1", "Frame2"]
+
+
+def test_cli_track_watch_follows_new_frames(tiny_model, tmp_path):
+    src = _frames_dir(tmp_path / "src", n=4)
+    live = tmp_path / "live"
+    live.mkdir()
+    out = tmp_path / "live.csv"
+
+    def camera():
+        for p in sorted(src.iterdir()):
+            time.sleep(0.3)
+            (live / p.name).write_bytes(p.read_bytes())
+
+    th = threading.Thread(target=camera)
+    th.start()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "temlib",
+            "track",
+            str(live),
+            "--out",
+            str(out),
+            "--watch",
+            "--model",
+            str(tiny_model),
+            "--conf",
+            "0.01",
+            "--idle-timeout",
+            "3",
+            "--nm-per-px",
+            "0.4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    th.join()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("defects") == 4  # one live line per frame
+    assert "frame 3:" in proc.stdout and out.is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fps", "-1"], "--fps -1.0 must be positive"),
+        (["--dose-rate", "0.1"], "--dose-rate needs --fps"),
+    ],
+)
+def test_cli_track_bad_options(tmp_path, capsys, args, message):
+    rc = cli.main(["track", str(tmp_path), "--out", str(tmp_path / "t.csv"), *args])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_cli_track_empty_folder(tiny_model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = cli.main(
+        [
+            "track",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "t.csv"),
+            "--model",
+            str(tiny_model),
+        ]
+    )
+    assert rc == 2 and "No frames" in capsys.readouterr().err
