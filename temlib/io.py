@@ -1,0 +1,411 @@
+"""Reading and writing 4D scanned-diffraction maps, lazily, with their calibration.
+
+Readers go through HyperSpy / RosettaSciIO: ``.hspy`` (HDF5), ``.zspy`` (zarr), ``.blo``
+(ASTAR / NanoMegas block files), ``.mib`` (Merlin), plus ``.npy`` with a calibration
+given by the caller. A map comes back as a lazy pyxem ``ElectronDiffraction2D`` of shape
+(rows, cols | ky, kx) whose signal axes carry the reciprocal calibration (1/Å per px)
+and whose metadata carries the beam energy (kV).
+
+Reference indexing results (orix ``.ang`` / ``.h5``, ASTAR or HKL ``.ctf``) attach as
+labels with :func:`load_labels`, since real users train from an indexed map.
+
+Every reader validates before anything is written: a missing or truncated file, data
+that is not 4D, an unsupported dtype, non-finite values or a missing calibration
+without an override give one clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+READABLE = (".hspy", ".hdf5", ".h5", ".zspy", ".blo", ".mib", ".npy")
+LABEL_FORMATS = (".ang", ".h5", ".ctf")
+SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "int64", "float32", "float64")
+DEFAULT_KV = 200.0
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def _check_path(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No map file at {path}; expected one of {', '.join(READABLE)}")
+    if path.is_dir() and (path / "patterns.zspy").is_dir():  # a synthetic map folder
+        path = path / "patterns.zspy"
+    suffix = path.suffix.lower()
+    if suffix not in READABLE:
+        raise ValueError(f"Cannot read {path.name}: unknown format {suffix or '(none)'}; expected one of {', '.join(READABLE)}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"Cannot read {path}: the file is empty (0 bytes)")
+    return path
+
+
+def _hs_load(path: Path, lazy: bool):
+    import hyperspy.api as hs
+
+    try:
+        s = hs.load(path, lazy=lazy)
+    except Exception as e:  # rosettasciio raises many kinds on corrupt data
+        raise ValueError(f"Cannot read {path}: it looks truncated or corrupt ({type(e).__name__}: {e})") from None
+    if isinstance(s, list):
+        s = max(s, key=lambda x: x.data.ndim)
+    return s
+
+
+def _validate(data, path: Path) -> None:
+    if data.ndim != 4:
+        raise ValueError(
+            f"Map {path.name} has {data.ndim} dimensions (shape {tuple(data.shape)}); "
+            "expected a 4D scan (rows, cols, ky, kx)"
+        )
+    if str(data.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"Map {path.name} has dtype {data.dtype}; expected one of {', '.join(SUPPORTED_DTYPES)}")
+    if min(data.shape) < 1:
+        raise ValueError(f"Map {path.name} is empty (shape {tuple(data.shape)})")
+
+
+def check_finite(chunk: np.ndarray, where: str = "map") -> None:
+    """Raise if ``chunk`` holds NaN or infinity (one clear error)."""
+    if np.issubdtype(chunk.dtype, np.floating) and not np.isfinite(chunk).all():
+        bad = int((~np.isfinite(chunk)).sum())
+        raise ValueError(f"The {where} holds {bad} NaN or infinite values; expected finite intensities (mask or fill them first)")
+
+
+def _to_pyxem(s):
+    import pyxem  # noqa: F401  (registers the signal classes)
+
+    s.set_signal_type("electron_diffraction")
+    return s
+
+
+def load_map(
+    path: str | Path,
+    lazy: bool = True,
+    calibration: float | None = None,
+    kv: float | None = None,
+    step_nm: float | None = None,
+):
+    """Read a 4D map lazily with its reciprocal calibration and beam energy.
+
+    Parameters
+    ----------
+    path
+        ``.hspy``, ``.zspy``, ``.blo``, ``.mib``, ``.npy``, or a synthetic map folder.
+    lazy
+        Keep the data on disk (dask); False loads it into memory.
+    calibration
+        Reciprocal calibration (1/Å per px), overriding the file's. Required for ``.npy``
+        and for files without a calibrated signal axis.
+    kv
+        Beam energy (kV), overriding the file's (default 200 when the file has none).
+    step_nm
+        Scan step (nm), overriding the file's.
+
+    Returns
+    -------
+    pyxem ``ElectronDiffraction2D`` (lazy when ``lazy``) of shape (rows, cols | ky, kx).
+    """
+    import hyperspy.api as hs
+
+    path = _check_path(path)
+    if calibration is not None and not calibration > 0:
+        raise ValueError(f"Calibration {calibration!r} is not positive; expected 1/Å per pixel, e.g. 0.02")
+    if path.suffix.lower() == ".npy":
+        if calibration is None:
+            raise ValueError(f"{path.name} carries no calibration; pass calibration= (1/Å per px) for .npy maps")
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except Exception as e:
+            raise ValueError(f"Cannot read {path}: it looks truncated or corrupt ({type(e).__name__}: {e})") from None
+        _validate(arr, path)
+        if lazy:
+            import dask.array as da
+
+            s = hs.signals.Signal2D(da.from_array(arr, chunks=(16, 16, *arr.shape[2:]))).as_lazy()
+        else:
+            s = hs.signals.Signal2D(np.asarray(arr))
+    else:
+        s = _hs_load(path, lazy)
+        _validate(s.data, path)
+    s = _to_pyxem(s)
+    kx, ky = s.axes_manager.signal_axes
+    if calibration is None:
+        units = str(kx.units)
+        if not units or units == "<undefined>" or (kx.scale == 1.0 and "1/" not in units and "Å" not in units):
+            raise ValueError(
+                f"{path.name} has no reciprocal calibration (signal axis scale {kx.scale}, units {units!r}); "
+                "pass calibration= (1/Å per px)"
+            )
+        calibration = _to_inverse_angstrom(kx.scale, units, path)
+    for ax in (kx, ky):
+        ax.scale = calibration
+        ax.units = "1/Å"
+        ax.offset = -calibration * (ax.size // 2)
+    s.axes_manager.signal_axes[0].name, s.axes_manager.signal_axes[1].name = "kx", "ky"
+    beam = kv
+    if beam is None:
+        beam = s.metadata.get_item("Acquisition_instrument.TEM.beam_energy", None)
+    s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", float(beam or DEFAULT_KV))
+    if step_nm is not None:
+        for ax in s.axes_manager.navigation_axes:
+            ax.scale, ax.units = step_nm, "nm"
+    s.metadata.set_item("General.original_filename", str(path))
+    if not lazy:
+        check_finite(np.asarray(s.data), f"map {path.name}")
+    return s
+
+
+def _to_inverse_angstrom(scale: float, units: str, path: Path) -> float:
+    u = units.replace(" ", "").lower()
+    if u in ("1/å", "å^-1", "1/a", "a^-1", "1/angstrom"):
+        return float(scale)
+    if u in ("1/nm", "nm^-1"):
+        return float(scale) / 10.0
+    raise ValueError(f"{path.name} has signal axis units {units!r}; expected 1/Å or 1/nm (or pass calibration=)")
+
+
+def calibration_of(signal) -> float:
+    """Reciprocal calibration (1/Å per px) of a signal read by :func:`load_map`."""
+    return float(signal.axes_manager.signal_axes[0].scale)
+
+
+def beam_energy(signal) -> float:
+    """Beam energy (kV) of a signal read by :func:`load_map`."""
+    return float(signal.metadata.get_item("Acquisition_instrument.TEM.beam_energy", DEFAULT_KV))
+
+
+def iter_chunks(signal, chunk: int = 32, show_progressbar: bool = True, desc: str = "patterns") -> Iterator[tuple[tuple[slice, slice], np.ndarray]]:
+    """Yield ``((row_slice, col_slice), patterns)`` blocks of a (lazy) map, in scan order.
+
+    ``patterns`` is a (r, c, ky, kx) numpy array; non-finite values raise. Only one
+    block is in memory at a time.
+    """
+    from tqdm.auto import tqdm
+
+    data = signal.data
+    h, w = data.shape[:2]
+    blocks = [(slice(r, min(r + chunk, h)), slice(c, min(c + chunk, w))) for r in range(0, h, chunk) for c in range(0, w, chunk)]
+    for rs, cs in tqdm(blocks, desc=desc, unit="block", disable=not show_progressbar):
+        block = data[rs, cs]
+        block = block.compute() if hasattr(block, "compute") else np.asarray(block)
+        check_finite(block, f"map block rows {rs.start}-{rs.stop}, cols {cs.start}-{cs.stop}")
+        yield (rs, cs), block
+
+
+# --------------------------------------------------------------------------------------
+# Direct beam and working calibration
+# --------------------------------------------------------------------------------------
+
+
+def find_direct_beam(patterns: np.ndarray, radius: float | None = None) -> np.ndarray:
+    """Direct-beam centre (row, col) in px of each pattern, sub-pixel.
+
+    The direct beam is the brightest feature near the middle of a spot pattern (it is
+    often saturated). We blur, take the brightest pixel within ``radius`` of the
+    middle, and refine with the intensity centroid of the pixels above half its height
+    in a small window.
+
+    Parameters
+    ----------
+    patterns
+        (..., ky, kx) patterns.
+    radius
+        Search radius around the pattern middle (px); default a quarter of the side.
+    """
+    from scipy import ndimage
+
+    p = np.asarray(patterns, dtype=np.float32)
+    lead = p.shape[:-2]
+    ky, kx = p.shape[-2:]
+    p = p.reshape(-1, ky, kx)
+    radius = min(ky, kx) / 4 if radius is None else radius
+    sm = ndimage.uniform_filter(p, size=(1, 3, 3))
+    rr, cc = np.mgrid[0:ky, 0:kx]
+    mask = (rr - ky / 2) ** 2 + (cc - kx / 2) ** 2 <= radius**2
+    sm = np.where(mask, sm, -np.inf)
+    flat = sm.reshape(len(p), -1).argmax(axis=1)
+    r0, c0 = np.unravel_index(flat, (ky, kx))
+    w = 5
+    out = np.empty((len(p), 2))
+    for i in range(len(p)):
+        r_lo, r_hi = max(r0[i] - w, 0), min(r0[i] + w + 1, ky)
+        c_lo, c_hi = max(c0[i] - w, 0), min(c0[i] + w + 1, kx)
+        win = p[i, r_lo:r_hi, c_lo:c_hi]
+        lo = np.median(p[i])
+        thr = lo + 0.5 * (win.max() - lo)
+        wt = np.clip(win - thr, 0, None)
+        if wt.sum() <= 0:
+            out[i] = r0[i], c0[i]
+            continue
+        gr, gc = np.mgrid[r_lo:r_hi, c_lo:c_hi]
+        out[i] = (wt * gr).sum() / wt.sum(), (wt * gc).sum() / wt.sum()
+    return out.reshape(*lead, 2)
+
+
+def resample(
+    patterns: np.ndarray,
+    centers: np.ndarray,
+    calibration: float,
+    working_calibration: float,
+    size: int = 144,
+    order: int = 1,
+) -> np.ndarray:
+    """Resample patterns to a working calibration, centred on their direct beam.
+
+    Parameters
+    ----------
+    patterns
+        (N, ky, kx) patterns.
+    centers
+        (N, 2) direct-beam centres (row, col) in px (:func:`find_direct_beam`).
+    calibration
+        Calibration of ``patterns`` (1/Å per px).
+    working_calibration
+        Calibration of the output (1/Å per px).
+    size
+        Output side (px); the direct beam lands on (size / 2, size / 2).
+    order
+        Spline order of the interpolation (1: bilinear).
+
+    Returns
+    -------
+    (N, size, size) float32 patterns.
+    """
+    from scipy import ndimage
+
+    p = np.asarray(patterns, dtype=np.float32)
+    centers = np.asarray(centers, dtype=float).reshape(-1, 2)
+    f = working_calibration / calibration
+    grid = (np.arange(size) - size / 2) * f
+    out = np.empty((len(p), size, size), np.float32)
+    for i in range(len(p)):
+        rr = centers[i, 0] + grid[:, None] + 0 * grid[None, :]
+        cc = centers[i, 1] + 0 * grid[:, None] + grid[None, :]
+        out[i] = ndimage.map_coordinates(p[i], [rr, cc], order=order, mode="constant", cval=0.0)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Labels (reference indexing) and writing
+# --------------------------------------------------------------------------------------
+
+
+def load_labels(path: str | Path, nav_shape: tuple[int, int] | None = None):
+    """Read a reference indexing result (orix ``.ang`` / ``.h5``, ``.ctf``) as a ``CrystalMap``.
+
+    Parameters
+    ----------
+    path
+        The indexing result.
+    nav_shape
+        (rows, cols) of the map it labels; a mismatch is an error.
+    """
+    from orix import io as oio
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No label file at {path}; expected one of {', '.join(LABEL_FORMATS)}")
+    if path.suffix.lower() not in LABEL_FORMATS:
+        raise ValueError(f"Cannot read labels from {path.name}; expected one of {', '.join(LABEL_FORMATS)}")
+    try:
+        xmap = oio.load(path)
+    except Exception as e:
+        raise ValueError(f"Cannot read labels {path}: {type(e).__name__}: {e}") from None
+    if nav_shape is not None and tuple(xmap.shape) != tuple(nav_shape):
+        raise ValueError(f"Labels {path.name} cover a {xmap.shape} scan; the map is {tuple(nav_shape)}")
+    return xmap
+
+
+def save_map(path: str | Path, data, calibration: float, kv: float = DEFAULT_KV, step_nm: float = 1.0, overwrite: bool = False) -> Path:
+    """Write a 4D array (numpy or dask, written block by block) as a calibrated ``.zspy`` / ``.hspy``.
+
+    The file is written under a temporary name and renamed, so a failure leaves nothing.
+    """
+    import dask.array as da
+    import hyperspy.api as hs
+
+    path = Path(path)
+    if path.suffix.lower() not in (".zspy", ".hspy"):
+        raise ValueError(f"Cannot write {path.name}; expected a .zspy or .hspy file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True")
+    if not calibration > 0:
+        raise ValueError(f"Calibration {calibration!r} is not positive; expected 1/Å per pixel")
+    if data.ndim != 4:
+        raise ValueError(f"Data of shape {tuple(data.shape)} is not a 4D scan; expected (rows, cols, ky, kx)")
+    lazy = isinstance(data, da.Array)
+    s = hs.signals.Signal2D(data)
+    if lazy:
+        s = s.as_lazy()
+    for ax, name in zip(s.axes_manager.navigation_axes, ("x", "y"), strict=True):
+        ax.name, ax.scale, ax.units = name, step_nm, "nm"
+    for ax, name in zip(s.axes_manager.signal_axes, ("kx", "ky"), strict=True):
+        ax.name, ax.scale, ax.units, ax.offset = name, calibration, "1/Å", -calibration * (ax.size // 2)
+    s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", float(kv))
+    s.set_signal_type("electron_diffraction")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        s.save(tmp, overwrite=True, show_progressbar=False)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+        raise
+    return path
+
+
+def info(path: str | Path, calibration: float | None = None) -> dict:
+    """Shape, calibration, beam energy, scan step and labels of a map (nothing is loaded)."""
+    s = load_map(path, lazy=True, calibration=calibration)
+    nav = s.axes_manager.navigation_axes
+    out = {
+        "path": str(path),
+        "scan_shape": tuple(int(x) for x in s.data.shape[:2]),
+        "pattern_shape": tuple(int(x) for x in s.data.shape[2:]),
+        "dtype": str(s.data.dtype),
+        "calibration_inv_A_per_px": calibration_of(s),
+        "k_max_inv_A": calibration_of(s) * min(s.data.shape[2:]) / 2,
+        "beam_energy_kV": beam_energy(s),
+        "scan_step": f"{nav[0].scale:g} {nav[0].units}" if nav else "",
+        "size_GB": float(np.prod(s.data.shape) * s.data.dtype.itemsize / 1e9),
+        "phases": None,
+    }
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    truth = folder / "truth.h5"
+    if truth.is_file():
+        xmap = load_labels(truth)
+        fr = {ph.name: float((xmap.phase_id == pid).mean()) for pid, ph in xmap.phases}
+        out["phases"] = {k: round(v, 4) for k, v in fr.items()}
+    return out
+
+
+def _cli_info(parser):
+    parser.add_argument("map", help="a 4D map (.hspy, .zspy, .blo, .mib, .npy) or a synthetic map folder")
+    parser.add_argument("--calibration", type=float, default=None, help="1/Å per px (required for .npy)")
+
+    def run(args):
+        d = info(args.map, args.calibration)
+        width = max(len(k) for k in d)
+        for k, v in d.items():
+            if isinstance(v, float):
+                v = f"{v:.4g}"
+            print(f"{k:<{width}}  {v}")
+        return 0
+
+    return run
+
+

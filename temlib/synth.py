@@ -1,0 +1,846 @@
+"""Synthetic scanned-diffraction maps of a ferrite / cementite / NbC steel with ground truth.
+
+Real maps of this steel are not public, so the embedded default data is simulated, with
+every effect we know a camera filming a phosphor screen adds, each randomised per map
+within a range (domain randomisation) so that models trained on it do not learn one look:
+
+Microstructure
+    Voronoi ferrite grains; pearlite-like colonies of cementite lamellae (one orientation
+    per colony) and cementite particles on grain boundaries; small NbC particles. Every
+    region has its own orientation (uniform over SO(3)), a small intragranular spread,
+    and a thickness (nm). Pixels on a boundary see two regions (the probe overlaps):
+    their pattern is a weighted sum.
+Patterns
+    Kinematic spots (:func:`temlib.simulate.kinematic_spots`, checked against diffsims)
+    at 200 kV with relrod width ~ 1 / thickness and optional precession; dynamical-like
+    perturbation (intensities compressed as I**gamma and a log-normal factor per
+    reflection and region); spots drawn with a Gaussian core plus long PSF tails; a
+    saturated direct beam; diffuse background falling with |k|; beam-centre drift and
+    jitter; gain, shot and read noise; 8-bit output.
+Test maps
+    A test map draws orientations at least ``min_misorientation`` degrees (disorientation
+    under the phase's point group, also against each training orientation turned 180 deg
+    about the beam, which gives the same kinematic pattern) away from every training
+    orientation of the same phase.
+
+Maps are written chunk by chunk to HyperSpy ``.zspy`` (zarr) through dask, so a
+500x500x144x144 map never sits in memory. A map is a folder::
+
+    <name>/patterns.zspy   the 4D signal, calibrated (1/Å per px, beam energy)
+    <name>/truth.h5        ground truth as an orix CrystalMap (also truth.ang)
+    <name>/truth.npz       phase id, region, mixing weight, thickness, beam centre per pixel
+    <name>/spec.json       generation parameters, camera draw, orientation rule
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from orix.quaternion import Orientation, Rotation
+
+from . import crystal, paths, simulate
+
+log = logging.getLogger(__name__)
+
+PHASES = crystal.STEEL_PHASES  # phase ids 0, 1, 2 in every map
+PHASE_ID = {name: i for i, name in enumerate(PHASES)}
+MAX_SPOTS = {"ferrite": 60, "NbC": 80, "cementite": 160}
+
+
+# --------------------------------------------------------------------------------------
+# Camera (the look of a map), randomised per map
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Camera:
+    """How patterns look on one map: geometry, optics, detector. Units in comments."""
+
+    size: int = 144  # px, square patterns
+    calibration: float = 0.02  # 1/Å per px
+    kv: float = 200.0
+    precession_deg: float = 0.5  # 0: none
+    spot_sigma: float = 1.2  # px, Gaussian core of a spot (probe + phosphor)
+    tail_sigmas: tuple = (4.0, 14.0)  # px, long PSF tails as Gaussians
+    tail_weights: tuple = (0.05, 0.04)  # fraction of each spot's counts in each tail
+    exposure: float = 120.0  # counts of a strong reflection
+    direct_beam: float = 40.0  # direct beam counts / exposure (saturates)
+    background: float = 25.0  # diffuse counts at the centre
+    background_k: float = 0.35  # 1/Å, half-width of the diffuse halo
+    background_floor: float = 3.0  # counts, flat
+    gamma: float = 0.6  # dynamical compression: counts ~ (|F|^2 s(s))**gamma
+    perturbation: float = 0.35  # log-normal sigma per reflection and region
+    gain: float = 1.0  # ADU per count
+    read_noise: float = 1.5  # ADU
+    offset: float = 2.0  # ADU
+    center_drift: float = 2.0  # px, beam-centre drift amplitude across the scan
+    center_jitter: float = 0.3  # px, per pattern
+    spread_deg: float = 0.3  # intragranular orientation spread (deg)
+
+    @property
+    def center(self) -> float:
+        return self.size / 2
+
+
+def random_camera(rng=None, size: int = 144, calibration: float = 0.02, kv: float = 200.0, randomize: bool = True) -> Camera:
+    """Draw a camera look from ranges that cover cameras filming a phosphor screen."""
+    rng = np.random.default_rng(rng)
+    if not randomize:
+        return Camera(size=size, calibration=calibration, kv=kv)
+    u = rng.uniform
+    return Camera(
+        size=size,
+        calibration=calibration * u(0.95, 1.05),
+        kv=kv,
+        precession_deg=float(rng.choice([0.0, u(0.3, 1.0)], p=[0.3, 0.7])),
+        spot_sigma=u(0.8, 1.8),
+        tail_sigmas=(u(3.0, 6.0), u(10.0, 24.0)),
+        tail_weights=(u(0.02, 0.10), u(0.02, 0.08)),
+        exposure=u(60, 220),
+        direct_beam=u(15, 60),
+        background=u(5, 50),
+        background_k=u(0.2, 0.6),
+        background_floor=u(0.5, 8),
+        gamma=u(0.45, 0.9),
+        perturbation=u(0.15, 0.6),
+        gain=u(0.7, 1.5),
+        read_noise=u(0.5, 3.0),
+        offset=u(0, 6),
+        center_drift=u(0, 3.0),
+        center_jitter=u(0.1, 0.5),
+        spread_deg=u(0.1, 0.5),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Microstructure
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Microstructure:
+    """Regions of a map and what each region is.
+
+    Attributes
+    ----------
+    labels
+        (H, W) region index of every scan pixel.
+    phase
+        (R,) phase id of each region (0 ferrite, 1 NbC, 2 cementite).
+    rotations
+        (R, 4) quaternions (sample -> crystal) of each region.
+    thickness
+        (R,) foil thickness (nm).
+    second
+        (H, W) second region seen by a boundary pixel (-1 for none).
+    weight
+        (H, W) weight of ``labels`` in the pattern (1 inside a region, 0.5-0.85 on boundaries).
+    """
+
+    labels: np.ndarray
+    phase: np.ndarray
+    rotations: np.ndarray
+    thickness: np.ndarray
+    second: np.ndarray
+    weight: np.ndarray
+
+
+def _voronoi(shape, n, rng):
+    from scipy.spatial import cKDTree
+
+    h, w = shape
+    seeds = rng.uniform((0, 0), (h, w), size=(n, 2))
+    rr, cc = np.mgrid[0:h, 0:w]
+    _, lab = cKDTree(seeds).query(np.c_[rr.ravel(), cc.ravel()])
+    return lab.reshape(shape)
+
+
+def microstructure(
+    shape: tuple[int, int],
+    n_grains: int = 40,
+    colony_fraction: float = 0.15,
+    cementite_particles: float = 1.0,
+    nbc_particles: float = 1.5,
+    thickness_nm: tuple[float, float] = (30.0, 120.0),
+    rng=None,
+) -> Microstructure:
+    """Draw a ferrite-pearlite-NbC microstructure (orientations left uniform random).
+
+    Parameters
+    ----------
+    shape
+        (rows, cols) of the scan.
+    n_grains
+        Number of ferrite (Voronoi) grains.
+    colony_fraction
+        Fraction of grains turned into cementite-lamella colonies.
+    cementite_particles, nbc_particles
+        Particles per 1,000 scan pixels (cementite on grain boundaries, NbC anywhere).
+    thickness_nm
+        Range of region thickness (nm).
+    """
+    rng = np.random.default_rng(rng)
+    h, w = shape
+    if h < 2 or w < 2:
+        raise ValueError(f"Map shape {shape!r} is too small; expected at least (2, 2) scan pixels")
+    if n_grains < 1:
+        raise ValueError(f"n_grains {n_grains!r} must be at least 1")
+    labels = _voronoi(shape, n_grains, rng)
+    phase = [PHASE_ID["ferrite"]] * n_grains
+    rr, cc = np.mgrid[0:h, 0:w]
+    # pearlite colonies: alternating cementite lamellae inside some grains, one orientation each
+    n_col = int(round(colony_fraction * n_grains))
+    for g in rng.choice(n_grains, size=n_col, replace=False) if n_col else []:
+        theta = rng.uniform(0, np.pi)
+        period = rng.uniform(4, 8)
+        stripe = ((rr * np.cos(theta) + cc * np.sin(theta)) % period) < 0.35 * period
+        m = (labels == g) & stripe
+        if m.any():
+            labels[m] = len(phase)
+            phase.append(PHASE_ID["cementite"])
+    # boundary pixels of the ferrite grains
+    boundary = np.zeros(shape, bool)
+    boundary[:-1] |= labels[:-1] != labels[1:]
+    boundary[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    area = h * w / 1000.0
+    bpix = np.flatnonzero(boundary)
+    for _ in range(rng.poisson(cementite_particles * area) if bpix.size else 0):
+        r0, c0 = np.unravel_index(rng.choice(bpix), shape)
+        a, b, t = rng.uniform(1.0, 3.0), rng.uniform(0.8, 1.8), rng.uniform(0, np.pi)
+        dr, dc = rr - r0, cc - c0
+        u, v = dr * np.cos(t) + dc * np.sin(t), -dr * np.sin(t) + dc * np.cos(t)
+        m = (u / a) ** 2 + (v / b) ** 2 <= 1
+        labels[m] = len(phase)
+        phase.append(PHASE_ID["cementite"])
+    for _ in range(rng.poisson(nbc_particles * area)):
+        r0, c0 = rng.uniform(0, h), rng.uniform(0, w)
+        m = (rr - r0) ** 2 + (cc - c0) ** 2 <= rng.uniform(0.8, 2.5) ** 2
+        if m.any():
+            labels[m] = len(phase)
+            phase.append(PHASE_ID["NbC"])
+    # keep only regions that still own pixels, renumbered
+    used, labels = np.unique(labels, return_inverse=True)
+    labels = labels.reshape(shape)
+    phase = np.asarray(phase)[used]
+    n = len(phase)
+    thickness = rng.uniform(*thickness_nm, size=n)
+    # boundary mixing: a pixel next to another region also sees it
+    second = np.full(shape, -1)
+    for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+        nb = np.roll(labels, (dr, dc), axis=(0, 1))
+        valid = np.ones(shape, bool)
+        if dr == 1:
+            valid[0] = False
+        if dr == -1:
+            valid[-1] = False
+        if dc == 1:
+            valid[:, 0] = False
+        if dc == -1:
+            valid[:, -1] = False
+        take = valid & (nb != labels) & (second < 0)
+        second[take] = nb[take]
+    weight = np.where(second >= 0, rng.uniform(0.5, 0.85, size=shape), 1.0)
+    return Microstructure(labels, phase, np.zeros((n, 4)), thickness, second, weight)
+
+
+def random_quaternions(n: int, rng=None) -> np.ndarray:
+    """(n, 4) rotations drawn uniformly over SO(3) (normalised Gaussian 4-vectors)."""
+    rng = np.random.default_rng(rng)
+    q = rng.standard_normal((n, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q * np.where(q[:, :1] < 0, -1, 1)
+
+
+def _beam_flip(q: np.ndarray) -> np.ndarray:
+    """Orientation turned 180 deg about the beam (sample z): R * Rz(180) (same pattern)."""
+    rz = Rotation.from_axes_angles([0, 0, 1], np.pi)
+    return (Rotation(q) * rz).data
+
+
+def min_disorientation(q: np.ndarray, reference: np.ndarray, phase_name: str) -> np.ndarray:
+    """Smallest disorientation (deg) of each of ``q`` (N, 4) to any of ``reference`` (M, 4).
+
+    Both the reference orientations and the same turned 180 deg about the beam count.
+    """
+    if len(reference) == 0:
+        return np.full(len(q), 180.0)
+    pg = crystal.get_phase(phase_name).point_group
+    ref = np.concatenate([reference, _beam_flip(reference)])
+    a = Orientation(q, symmetry=pg)
+    b = Orientation(ref, symmetry=pg)
+    ang = a.angle_with_outer(b, degrees=True)
+    return np.atleast_2d(ang).min(axis=1)
+
+
+def assign_orientations(
+    micro: Microstructure,
+    rng=None,
+    avoid: dict[str, np.ndarray] | None = None,
+    min_misorientation: float = 10.0,
+    max_tries: int = 200,
+) -> dict[str, float]:
+    """Give every region a random orientation, away from ``avoid`` for test maps.
+
+    Returns the smallest disorientation (deg) achieved to ``avoid`` per phase.
+    """
+    rng = np.random.default_rng(rng)
+    achieved = {}
+    for name, pid in PHASE_ID.items():
+        idx = np.flatnonzero(micro.phase == pid)
+        if idx.size == 0:
+            continue
+        q = random_quaternions(idx.size, rng)
+        ref = None if avoid is None else avoid.get(name)
+        if ref is not None and len(ref):
+            todo = np.arange(idx.size)
+            for _ in range(max_tries):
+                d = min_disorientation(q[todo], ref, name)
+                todo = todo[d < min_misorientation]
+                if todo.size == 0:
+                    break
+                q[todo] = random_quaternions(todo.size, rng)
+            if todo.size:
+                raise ValueError(
+                    f"Could not place {todo.size} {name} orientations {min_misorientation} deg away from the "
+                    f"training orientations in {max_tries} tries; expected a smaller min_misorientation"
+                )
+            achieved[name] = float(min_disorientation(q, ref, name).min())
+        micro.rotations[idx] = q
+    return achieved
+
+
+# --------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _PhaseTables:
+    refl: simulate.Reflections
+    i_ref: float  # |F|^2 of the strongest reflection (intensity scale)
+    perturb: np.ndarray  # (K, G) standard normals, row = region % K
+
+
+def _phase_tables(camera: Camera, seed: int) -> dict[int, _PhaseTables]:
+    g_max = camera.size / 2 * np.sqrt(2) * camera.calibration * 1.02
+    out = {}
+    for name, pid in PHASE_ID.items():
+        refl = simulate.reflections(name, g_max=g_max)
+        rng = np.random.default_rng([seed, pid])
+        out[pid] = _PhaseTables(refl, float(refl.intensity.max()), rng.standard_normal((512, refl.size)).astype(np.float32))
+    return out
+
+
+def _spread(n: int, deg: float, rng) -> np.ndarray:
+    """(n, 3, 3) small random rotations (angle ~ |N(0, deg)| about a random axis)."""
+    axis = rng.standard_normal((n, 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    ang = np.deg2rad(np.abs(rng.normal(0, deg, n)))
+    return Rotation.from_axes_angles(axis, ang).to_matrix()
+
+
+def _gaussian_matrix(size: int, sigma: float, sources: np.ndarray) -> np.ndarray:
+    """(size, len(sources)) matrix of unit-area 1D Gaussians centred on ``sources`` (px)."""
+    d = np.arange(size, dtype=np.float32)[:, None] - sources[None, :].astype(np.float32)
+    return (np.exp(-0.5 * (d / sigma) ** 2) / (np.sqrt(2 * np.pi) * sigma)).astype(np.float32)
+
+
+def _splat(n: int, size: int, pat: np.ndarray, rows: np.ndarray, cols: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Bilinear splat of spot counts into (n, size, size) float32 grids; off-frame spots drop."""
+    grid = np.zeros(n * size * size, np.float32)
+    r0, c0 = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
+    fr, fc = (rows - r0).astype(np.float32), (cols - c0).astype(np.float32)
+    for dr, dc, w in ((0, 0, (1 - fr) * (1 - fc)), (1, 0, fr * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 1, fr * fc)):
+        r, c = r0 + dr, c0 + dc
+        ok = (r >= 0) & (r < size) & (c >= 0) & (c < size)
+        np.add.at(grid, (pat[ok] * size + r[ok]) * size + c[ok], counts[ok] * w[ok])
+    return grid.reshape(n, size, size)
+
+
+def _separable(images: np.ndarray, rows_m: np.ndarray, cols_m: np.ndarray) -> np.ndarray:
+    """``rows_m @ image @ cols_m.T`` for every image, as two large GEMMs."""
+    n, h, w = images.shape
+    t = (images.reshape(n * h, w) @ cols_m.T).reshape(n, h, -1)  # along columns
+    t = np.ascontiguousarray(t.transpose(0, 2, 1)).reshape(-1, h) @ rows_m.T  # along rows
+    return np.ascontiguousarray(t.reshape(n, -1, rows_m.shape[0]).transpose(0, 2, 1))
+
+
+def render_patterns(
+    camera: Camera,
+    tables: dict,
+    rot: np.ndarray,
+    phase: np.ndarray,
+    region: np.ndarray,
+    thickness: np.ndarray,
+    weight: np.ndarray,
+    center: np.ndarray,
+    rng,
+) -> np.ndarray:
+    """Render N patterns, each a weighted sum of up to two crystals, as uint8.
+
+    Parameters
+    ----------
+    camera
+        The look (:class:`Camera`).
+    tables
+        Per-phase reflections and perturbation tables (:func:`_phase_tables`).
+    rot
+        (N, C, 3, 3) rotation matrices (sample -> crystal) of the C contributions.
+    phase, region
+        (N, C) phase id and region index of each contribution (region -1: absent).
+    thickness
+        (N, C) thickness (nm) of each contribution.
+    weight
+        (N, C) weight of each contribution.
+    center
+        (N, 2) beam centre (row, col) in px.
+    rng
+        numpy Generator for the noise.
+
+    Returns
+    -------
+    (N, size, size) uint8 patterns.
+    """
+    n, n_contrib = phase.shape
+    size = camera.size
+    pats, rows, cols, cnts = [np.arange(n)], [center[:, 0]], [center[:, 1]], [np.full(n, camera.direct_beam * camera.exposure)]
+    for (pid, tab), c in ((pt, c) for pt in tables.items() for c in range(n_contrib)):
+        sel_n = np.flatnonzero((phase[:, c] == pid) & (region[:, c] >= 0))
+        if sel_n.size == 0:
+            continue
+        t = thickness[sel_n, c]
+        xy, inten, idx = simulate.kinematic_spots(
+            tab.refl,
+            rot[sel_n, c],
+            kv=camera.kv,
+            max_excitation_error=10.0 / t,  # relrod half-width (1/Å) ~ 1 / thickness (nm -> Å)
+            precession_deg=camera.precession_deg,
+            min_intensity=2e-3,
+            max_spots=MAX_SPOTS[PHASES[pid]],
+        )
+        z = tab.perturb[region[sel_n, c] % len(tab.perturb)]
+        pert = np.exp(camera.perturbation * np.take_along_axis(z, np.maximum(idx, 0), axis=1))
+        scale = camera.exposure * weight[sel_n, c] * (0.5 + t / 100.0)
+        counts = scale[:, None] * (inten / tab.i_ref) ** camera.gamma * pert
+        keep = idx >= 0
+        pats.append(np.broadcast_to(sel_n[:, None], idx.shape)[keep])
+        rows.append((center[sel_n, 0:1] + xy[..., 1] / camera.calibration)[keep])
+        cols.append((center[sel_n, 1:2] + xy[..., 0] / camera.calibration)[keep])
+        cnts.append(counts[keep])
+    pat, r, c, a = (np.concatenate(v) for v in (pats, rows, cols, cnts))
+    splat = _splat(n, size, pat, r, c, a)
+    px = np.arange(size, dtype=np.float32)
+    core = _gaussian_matrix(size, camera.spot_sigma, px)
+    image = _separable(splat, core, core)
+    # long PSF tails, smooth: from the splat pooled 4x4, drawn back at full size
+    f = 4 if size % 4 == 0 else 1
+    pooled = splat.reshape(n, size // f, f, size // f, f).sum(axis=(2, 4))
+    cells = np.arange(size // f, dtype=np.float32) * f + (f - 1) / 2
+    for s_t, w_t in zip(camera.tail_sigmas, camera.tail_weights, strict=True):
+        m = _gaussian_matrix(size, s_t, cells)
+        image += np.float32(w_t) * _separable(pooled, m, m)
+    # diffuse background falling with |k| (more in thicker foil)
+    dr = (px[None, :] - center[:, 0:1].astype(np.float32)) * np.float32(camera.calibration)
+    dc = (px[None, :] - center[:, 1:2].astype(np.float32)) * np.float32(camera.calibration)
+    k2 = dr[:, :, None] ** 2 + dc[:, None, :] ** 2
+    t_mean = (np.where(region >= 0, thickness, 0) * weight).sum(axis=1).astype(np.float32)
+    image += (np.float32(camera.background) * t_mean / 75.0)[:, None, None] / (1 + k2 / np.float32(camera.background_k**2))
+    image += np.float32(camera.background_floor)
+    # shot noise (Gaussian approximation, variance = counts) from a shifted noise bank, then the camera
+    flat = image.reshape(n, -1)
+    npx = flat.shape[1]
+    bank = rng.standard_normal(npx * 3, dtype=np.float32)
+    view = np.lib.stride_tricks.sliding_window_view(bank, npx)
+    shot = view[rng.integers(0, npx * 2, size=n)]
+    read = view[rng.integers(0, npx * 2, size=n)]
+    adu = np.float32(camera.gain) * (flat + np.sqrt(flat) * shot) + np.float32(camera.read_noise) * read[:, ::-1] + np.float32(camera.offset)
+    return np.clip(np.rint(adu), 0, 255).astype(np.uint8).reshape(n, size, size)
+
+
+# --------------------------------------------------------------------------------------
+# Maps
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SynthMap:
+    """A synthetic map on disk: the 4D patterns and the ground truth."""
+
+    folder: Path
+
+    @property
+    def patterns_path(self) -> Path:
+        return self.folder / "patterns.zspy"
+
+    @property
+    def spec(self) -> dict:
+        return json.loads((self.folder / "spec.json").read_text())
+
+    def truth(self):
+        """Ground truth as an orix ``CrystalMap`` (phase, rotation, thickness, weight)."""
+        from orix import io as oio
+
+        return oio.load(self.folder / "truth.h5")
+
+    def truth_arrays(self) -> dict:
+        with np.load(self.folder / "truth.npz") as f:
+            return {k: f[k] for k in f.files}
+
+    def load(self, lazy: bool = True):
+        """The patterns as a (lazy) HyperSpy/pyxem signal with calibration."""
+        from . import io
+
+        return io.load_map(self.patterns_path, lazy=lazy)
+
+
+def _center_field(shape, camera: Camera, rng) -> np.ndarray:
+    h, w = shape
+    rr, cc = np.mgrid[0:h, 0:w] / np.array([max(h - 1, 1), max(w - 1, 1)])[:, None, None]
+    a = camera.center_drift * rng.uniform(-1, 1, size=(2, 3))
+    field = np.stack(
+        [
+            a[i, 0] * (rr - 0.5) + a[i, 1] * (cc - 0.5) + 0.5 * a[i, 2] * np.sin(2 * np.pi * (rr + cc + rng.uniform()))
+            for i in range(2)
+        ],
+        axis=-1,
+    )
+    return camera.center + field + rng.normal(0, camera.center_jitter, size=(h, w, 2))
+
+
+class _Plan:
+    """Everything needed to render any block of the map (picklable, small)."""
+
+    def __init__(self, micro: Microstructure, camera: Camera, centers: np.ndarray, seed: int):
+        self.micro, self.camera, self.centers, self.seed = micro, camera, centers, seed
+        self._tables = None
+
+    @property
+    def tables(self):
+        if self._tables is None:
+            self._tables = _phase_tables(self.camera, self.seed)
+        return self._tables
+
+    def block(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        m = self.micro
+        rng = np.random.default_rng([self.seed, r0, c0, 7])
+        lab = m.labels[r0:r1, c0:c1].ravel()
+        sec = m.second[r0:r1, c0:c1].ravel()
+        w = m.weight[r0:r1, c0:c1].ravel()
+        n = lab.size
+        region = np.stack([lab, sec], axis=1)
+        phase = np.where(region >= 0, m.phase[np.maximum(region, 0)], -1)
+        base = Rotation(m.rotations[np.maximum(region, 0)].reshape(-1, 4)).to_matrix().reshape(n, 2, 3, 3)
+        spread = _spread(2 * n, self.camera.spread_deg, rng).reshape(n, 2, 3, 3)
+        rot = spread @ base  # small crystal-frame misorientation around the region's orientation
+        thick = m.thickness[np.maximum(region, 0)]
+        weight = np.stack([w, 1 - w], axis=1)
+        center = self.centers[r0:r1, c0:c1].reshape(n, 2)
+        out = render_patterns(self.camera, self.tables, rot, phase, region, thick, weight, center, rng)
+        return out.reshape(r1 - r0, c1 - c0, self.camera.size, self.camera.size)
+
+
+def _dask_map(plan: _Plan, chunk: int):
+    import dask.array as da
+
+    h, w = plan.micro.labels.shape
+    s = plan.camera.size
+    chunks = (tuple(min(chunk, h - i) for i in range(0, h, chunk)), tuple(min(chunk, w - j) for j in range(0, w, chunk)), (s,), (s,))
+
+    def make(block_info=None):
+        (r0, r1), (c0, c1) = block_info[None]["array-location"][:2]
+        return plan.block(r0, r1, c0, c1)
+
+    return da.map_blocks(make, chunks=chunks, dtype=np.uint8, meta=np.empty((0, 0, 0, 0), np.uint8))
+
+
+def _truth_crystal_map(micro: Microstructure, step_nm: float):
+    from orix.crystal_map import CrystalMap, PhaseList
+
+    h, w = micro.labels.shape
+    rr, cc = np.mgrid[0:h, 0:w]
+    main = micro.labels.ravel()
+    plist = PhaseList(phases=crystal.get_phases(PHASES), ids=list(range(len(PHASES))))
+    return CrystalMap(
+        rotations=Rotation(micro.rotations[main]),
+        phase_id=micro.phase[main],
+        x=cc.ravel() * step_nm,
+        y=rr.ravel() * step_nm,
+        phase_list=plist,
+        prop={
+            "thickness": micro.thickness[main],
+            "weight": micro.weight.ravel(),
+            "region": main.astype(float),
+        },
+        scan_unit="nm",
+    )
+
+
+def write_truth(micro: Microstructure, folder: Path, step_nm: float, centers: np.ndarray) -> None:
+    """Write truth.h5, truth.ang (orix) and truth.npz into ``folder``."""
+    from orix import io as oio
+
+    xmap = _truth_crystal_map(micro, step_nm)
+    oio.save(folder / "truth.h5", xmap)
+    oio.save(folder / "truth.ang", xmap)
+    np.savez_compressed(
+        folder / "truth.npz",
+        phase_id=micro.phase[micro.labels],
+        region=micro.labels,
+        second=micro.second,
+        weight=micro.weight,
+        thickness=micro.thickness[micro.labels],
+        quaternions=micro.rotations[micro.labels],
+        region_phase=micro.phase,
+        region_quaternions=micro.rotations,
+        region_thickness=micro.thickness,
+        beam_center=centers,
+    )
+
+
+class _TqdmCallback:
+    """A dask callback that shows a tqdm bar over the map's blocks."""
+
+    def __new__(cls, total: int, desc: str, disable: bool):
+        from dask.callbacks import Callback
+        from tqdm.auto import tqdm
+
+        class _CB(Callback):
+            def _start(self, dsk):
+                self.bar = tqdm(total=total, desc=desc, unit="block", disable=disable)
+
+            def _posttask(self, key, result, dsk, state, worker_id):
+                if isinstance(key, tuple) and "make" in str(key[0]):
+                    self.bar.update(1)
+
+            def _finish(self, dsk, state, errored):
+                self.bar.close()
+
+        return _CB()
+
+
+def generate_map(
+    folder: str | Path,
+    shape: tuple[int, int] = (64, 64),
+    n_grains: int = 30,
+    colony_fraction: float = 0.15,
+    cementite_particles: float = 1.0,
+    nbc_particles: float = 1.5,
+    pattern_size: int = 144,
+    calibration: float = 0.02,
+    kv: float = 200.0,
+    step_nm: float = 5.0,
+    randomize_camera: bool = True,
+    avoid: dict[str, np.ndarray] | None = None,
+    min_misorientation: float = 10.0,
+    chunk: int = 16,
+    seed: int = 0,
+    overwrite: bool = False,
+    show_progressbar: bool = True,
+) -> SynthMap:
+    """Generate one synthetic map and its ground truth into ``folder`` (atomically).
+
+    Parameters
+    ----------
+    folder
+        Output folder (created; must not exist unless ``overwrite``).
+    shape
+        Scan shape (rows, cols).
+    n_grains, colony_fraction, cementite_particles, nbc_particles
+        Microstructure (:func:`microstructure`).
+    pattern_size
+        Pattern side (px).
+    calibration
+        Nominal reciprocal calibration (1/Å per px); the camera draw varies it by +-5 %.
+    kv
+        Beam energy (kV).
+    step_nm
+        Scan step (nm).
+    randomize_camera
+        Draw the camera look at random (:func:`random_camera`).
+    avoid
+        Orientations (quaternions per phase name) the map must stay away from (test maps).
+    min_misorientation
+        Smallest disorientation (deg) to ``avoid``.
+    chunk
+        Scan pixels per block side written at once.
+    seed
+        Seeds everything: the same seed gives the same map.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"Map folder {folder} already exists; pass overwrite=True or choose another folder")
+    if pattern_size < 16:
+        raise ValueError(f"pattern_size {pattern_size!r} is too small; expected at least 16 px (144 for the default)")
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    micro = microstructure(tuple(shape), n_grains, colony_fraction, cementite_particles, nbc_particles, rng=rng)
+    achieved = assign_orientations(micro, rng, avoid, min_misorientation)
+    camera = random_camera(rng, pattern_size, calibration, kv, randomize_camera)
+    centers = _center_field(tuple(shape), camera, rng)
+    plan = _Plan(micro, camera, centers, int(rng.integers(2**31)))
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        from . import io
+
+        data = _dask_map(plan, chunk)
+        n_blocks = int(np.prod(data.numblocks))
+        with _TqdmCallback(n_blocks, f"patterns {folder.name}", not show_progressbar):
+            io.save_map(tmp / "patterns.zspy", data, calibration=camera.calibration, kv=kv, step_nm=step_nm)
+        write_truth(micro, tmp, step_nm, centers)
+        seconds = time.perf_counter() - t0
+        spec = {
+            "shape": list(shape),
+            "n_grains": n_grains,
+            "colony_fraction": colony_fraction,
+            "cementite_particles": cementite_particles,
+            "nbc_particles": nbc_particles,
+            "pattern_size": pattern_size,
+            "kv": kv,
+            "step_nm": step_nm,
+            "seed": seed,
+            "camera": dataclasses.asdict(camera),
+            "phases": list(PHASES),
+            "phase_fractions": {p: float((micro.phase[micro.labels] == i).mean()) for i, p in enumerate(PHASES)},
+            "n_regions": int(len(micro.phase)),
+            "test_rule": None
+            if avoid is None
+            else {
+                "rule": "every region orientation is at least min_misorientation (disorientation under the phase's "
+                "point group, also against the training orientations turned 180 deg about the beam) from every "
+                "training region orientation of the same phase",
+                "min_misorientation_deg": min_misorientation,
+                "achieved_min_deg": achieved,
+            },
+            "seconds": seconds,
+            "patterns_per_second": float(np.prod(shape) / seconds),
+        }
+        (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s (%d patterns) in %.1f s", folder, int(np.prod(shape)), seconds)
+    return SynthMap(folder)
+
+
+def region_orientations(maps: list[SynthMap]) -> dict[str, np.ndarray]:
+    """Quaternions of every region, per phase name, over ``maps`` (to keep a test map away)."""
+    out: dict[str, list] = {p: [] for p in PHASES}
+    for m in maps:
+        t = m.truth_arrays()
+        for p, i in PHASE_ID.items():
+            out[p].append(t["region_quaternions"][t["region_phase"] == i])
+    return {p: np.concatenate(v) if v else np.zeros((0, 4)) for p, v in out.items()}
+
+
+MAP_KEYS = (
+    "map_shape",
+    "n_grains",
+    "colony_fraction",
+    "cementite_particles",
+    "nbc_particles",
+    "pattern_size",
+    "calibration",
+    "kv",
+    "randomize_camera",
+    "min_misorientation",
+    "seed",
+)
+
+
+def steel_maps(profile: str = "default", show_progressbar: bool = True) -> dict[str, SynthMap]:
+    """The three synthetic maps of a profile (``train1``, ``train2``, ``test``), generated once.
+
+    Their parameters come from ``params/<profile>/00_ingest.yaml``; they live in
+    ``data/synthetic/<profile>/`` and are regenerated only when those parameters change.
+    """
+    from . import config
+
+    cfg = config.load("00_ingest", profile)
+    spec = {k: cfg[k] for k in MAP_KEYS}
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:10]
+    root = paths.data_dir("synthetic") / profile
+    stamp = root / "maps.json"
+    names = ("train1", "train2", "test")
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and all((root / n / "spec.json").is_file() for n in names):
+        return {n: SynthMap(root / n) for n in names}
+    root.mkdir(parents=True, exist_ok=True)
+    common = dict(
+        shape=tuple(cfg.map_shape),
+        n_grains=cfg.n_grains,
+        colony_fraction=cfg.colony_fraction,
+        cementite_particles=cfg.cementite_particles,
+        nbc_particles=cfg.nbc_particles,
+        pattern_size=cfg.pattern_size,
+        calibration=cfg.calibration,
+        kv=cfg.kv,
+        randomize_camera=cfg.randomize_camera,
+        overwrite=True,
+        show_progressbar=show_progressbar,
+    )
+    maps = {}
+    for i, n in enumerate(names[:2]):
+        maps[n] = generate_map(root / n, seed=cfg.seed * 100 + i, **common)
+    maps["test"] = generate_map(
+        root / "test",
+        seed=cfg.seed * 100 + 2,
+        avoid=region_orientations([maps["train1"], maps["train2"]]),
+        min_misorientation=cfg.min_misorientation,
+        **common,
+    )
+    stamp.write_text(json.dumps({"key": key, "spec": spec}, indent=2, default=list))
+    return maps
+
+
+def _cli_synth_map(parser):
+    parser.add_argument("--out", required=True, help="output folder (patterns.zspy + truth.h5/.ang/.npz + spec.json)")
+    parser.add_argument("--shape", nargs=2, type=int, default=[64, 64], metavar=("ROWS", "COLS"))
+    parser.add_argument("--grains", type=int, default=30, help="ferrite grains")
+    parser.add_argument("--pattern-size", type=int, default=144)
+    parser.add_argument("--calibration", type=float, default=0.02, help="1/Å per px")
+    parser.add_argument("--kv", type=float, default=200.0)
+    parser.add_argument("--avoid", nargs="*", default=[], help="training map folders whose orientations to avoid")
+    parser.add_argument("--min-misorientation", type=float, default=10.0, help="deg, with --avoid")
+    parser.add_argument("--fixed-camera", action="store_true", help="do not randomise the camera look")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+
+    def run(args):
+        avoid = None
+        if args.avoid:
+            for a in args.avoid:
+                if not (Path(a) / "truth.npz").is_file():
+                    raise FileNotFoundError(f"--avoid {a} is not a synthetic map folder (no truth.npz)")
+            avoid = region_orientations([SynthMap(Path(a)) for a in args.avoid])
+        m = generate_map(
+            args.out,
+            shape=tuple(args.shape),
+            n_grains=args.grains,
+            pattern_size=args.pattern_size,
+            calibration=args.calibration,
+            kv=args.kv,
+            randomize_camera=not args.fixed_camera,
+            avoid=avoid,
+            min_misorientation=args.min_misorientation,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+        spec = m.spec
+        print(f"wrote {m.folder}: {spec['shape'][0]}x{spec['shape'][1]} patterns of {args.pattern_size} px, "
+              f"{spec['patterns_per_second']:.0f} patterns/s; phases {spec['phase_fractions']}")
+        return 0
+
+    return run
