@@ -302,8 +302,11 @@ def cavity_intensity(
     """Intensity change ``dI`` ``(M, N)`` of cavities in a uniform foil, and instance masks.
 
     The image of a foil with these cavities is ``1 + dI`` (1 = foil without cavities).
-    Cavities whose patches overlap are propagated together (exact for overlaps in
-    projection); the others independently (exact, the propagator being local).
+    Where cavities do not overlap in projection the exit wave is exactly
+    ``1 + sum_k (T_k - 1)``, and propagation is linear: each cavity's wave difference is
+    propagated in a small patch (size + spread of the propagator) and summed on the frame,
+    then ``dI = |1 + D|^2 - 1`` is blurred by the camera PSF. Cavities overlapping in
+    projection are propagated together, with the product of their transmissions.
 
     Parameters
     ----------
@@ -316,7 +319,8 @@ def cavity_intensity(
     optics
         Imaging settings.
     oversample
-        Sub-pixels per pixel side for the wave (edges anti-aliased, then binned).
+        Sub-pixels per pixel side for the transmission (edges anti-aliased by averaging
+        the wave over each pixel before propagation).
     return_masks
         Also return an instance label image (uint16; cavity ``k`` of the list is ``k + 1``).
 
@@ -326,48 +330,55 @@ def cavity_intensity(
         ``(M, N)`` float32 and ``(M, N)`` uint16 (or None).
     """
     M, N = shape
-    dI = np.zeros(shape, np.float32)
     masks = np.zeros(shape, np.uint16) if return_masks else None
     if not cavities:
-        return dI, masks
+        return np.zeros(shape, np.float32), masks
     margin = _patch_margin_px(optics, px_nm)
     geo = [c.geometry() for c in cavities]
-    boxes = []
-    for c, g in zip(cavities, geo, strict=True):
-        hx, hy = g["hx"] / px_nm, g["hy"] / px_nm
-        boxes.append(
-            [c.row - hy - margin, c.col - hx - margin, c.row + hy + margin, c.col + hx + margin]
-        )
-    boxes = np.array(boxes)
-    groups = _group_overlapping(boxes)
+    own = np.array(
+        [
+            [
+                c.row + (g["y0"] - g["hy"]) / px_nm,
+                c.col + (g["x0"] - g["hx"]) / px_nm,
+                c.row + (g["y0"] + g["hy"]) / px_nm,
+                c.col + (g["x0"] + g["hx"]) / px_nm,
+            ]
+            for c, g in zip(cavities, geo, strict=True)
+        ]
+    )
+    # frame with a border so that cavities cut by the edge propagate correctly
+    pad = margin
+    D = np.zeros((M + 2 * pad, N + 2 * pad), np.complex64)
     s = max(1, int(oversample))
-    for g in groups:
-        r0 = int(np.floor(boxes[g, 0].min()))
-        c0 = int(np.floor(boxes[g, 1].min()))
-        r1 = int(np.ceil(boxes[g, 2].max()))
-        c1 = int(np.ceil(boxes[g, 3].max()))
-        h, w = _fast_len(r1 - r0), _fast_len(c1 - c0)
-        # sub-pixel centres, nm
+    for grp in _group_overlapping(own):
+        r0 = int(np.floor(own[grp, 0].min())) - margin
+        c0 = int(np.floor(own[grp, 1].min())) - margin
+        h = _fast_len(int(np.ceil(own[grp, 2].max())) + margin - r0)
+        w = _fast_len(int(np.ceil(own[grp, 3].max())) + margin - c0)
+        t = np.zeros((h * s, w * s), np.float32)
+        owner = np.zeros((h * s, w * s), np.int32) if return_masks else None
         ys = (r0 + (np.arange(h * s) + 0.5) / s)[:, None]
         xs = (c0 + (np.arange(w * s) + 0.5) / s)[None, :]
-        t = np.zeros((h * s, w * s))
-        owner = np.zeros((h * s, w * s), np.int32) if return_masks else None
-        for k in g:
-            c, gk = cavities[k], geo[k]
-            # sub-pixel window covering the cavity only (the chord is zero elsewhere)
-            a0 = max(0, int(((c.row + (gk["y0"] - gk["hy"]) / px_nm) - r0) * s) - 1)
-            a1 = min(h * s, int(np.ceil(((c.row + (gk["y0"] + gk["hy"]) / px_nm) - r0) * s)) + 2)
-            b0 = max(0, int(((c.col + (gk["x0"] - gk["hx"]) / px_nm) - c0) * s) - 1)
-            b1 = min(w * s, int(np.ceil(((c.col + (gk["x0"] + gk["hx"]) / px_nm) - c0) * s)) + 2)
+        for k in grp:
+            c = cavities[k]
+            a0 = max(0, int((own[k, 0] - r0) * s) - 1)
+            a1 = min(h * s, int(np.ceil((own[k, 2] - r0) * s)) + 2)
+            b0 = max(0, int((own[k, 1] - c0) * s) - 1)
+            b1 = min(w * s, int(np.ceil((own[k, 3] - c0) * s)) + 2)
             yy, xx = np.broadcast_arrays((ys[a0:a1] - c.row) * px_nm, (xs[:, b0:b1] - c.col) * px_nm)
             tk = c.chord(yy, xx)
             if return_masks:
                 owner[a0:a1, b0:b1][tk > 0] = k + 1
             t[a0:a1, b0:b1] += tk
-        wave = (np.exp(t / (2 * optics.absorption_nm) - 1j * optics.sigma * optics.v0 * t) - 1).astype(np.complex64)
+        wave = np.zeros(t.shape, np.complex64)
+        inside = t > 0
+        ti = t[inside]
+        wave[inside] = np.exp(ti / (2 * optics.absorption_nm) - 1j * optics.sigma * optics.v0 * ti) - 1
+        if s > 1:
+            wave = wave.reshape(h, s, w, s).mean(axis=(1, 3))
         H = _cached_tf(
-            wave.shape,
-            px_nm / s,
+            (h, w),
+            px_nm,
             optics.df_nm,
             optics.cs_mm,
             optics.alpha_mrad,
@@ -375,28 +386,29 @@ def cavity_intensity(
             optics.aperture_inv_nm,
             optics.wavelength_nm,
         )
-        d = sfft.ifft2(sfft.fft2(wave) * H)
-        inten = 2 * d.real + (d.real**2 + d.imag**2)
-        if s > 1:
-            inten = inten.reshape(h, s, w, s).mean(axis=(1, 3))
-        if optics.psf_px > 0:
-            qy = sfft.fftfreq(h)[:, None]
-            qx = sfft.rfftfreq(w)[None, :]
-            mtf = np.exp(-2 * np.pi**2 * optics.psf_px**2 * (qy**2 + qx**2))
-            inten = sfft.irfft2(sfft.rfft2(inten) * mtf, s=(h, w))
-        # paste (clipped to the frame)
-        fr0, fc0 = max(r0, 0), max(c0, 0)
-        fr1, fc1 = min(r0 + h, M), min(c0 + w, N)
+        d = sfft.ifft2(sfft.fft2(wave.astype(np.complex64)) * H)
+        # paste into the padded frame (clipped)
+        pr0, pc0 = r0 + pad, c0 + pad
+        fr0, fc0 = max(pr0, 0), max(pc0, 0)
+        fr1, fc1 = min(pr0 + h, D.shape[0]), min(pc0 + w, D.shape[1])
         if fr1 <= fr0 or fc1 <= fc0:
             continue
-        dI[fr0:fr1, fc0:fc1] += inten[fr0 - r0 : fr1 - r0, fc0 - c0 : fc1 - c0].astype(np.float32)
+        D[fr0:fr1, fc0:fc1] += d[fr0 - pr0 : fr1 - pr0, fc0 - pc0 : fc1 - pc0]
         if return_masks:
             # a pixel belongs to the cavity covering its centre
-            own = owner[s // 2 :: s, s // 2 :: s][:h, :w] if s > 1 else owner
-            sub = own[fr0 - r0 : fr1 - r0, fc0 - c0 : fc1 - c0]
-            view = masks[fr0:fr1, fc0:fc1]
-            view[sub > 0] = sub[sub > 0]
-    return dI, masks
+            sub = owner[s // 2 :: s, s // 2 :: s] if s > 1 else owner
+            mr0, mc0 = max(r0, 0), max(c0, 0)
+            mr1, mc1 = min(r0 + h, M), min(c0 + w, N)
+            if mr1 > mr0 and mc1 > mc0:
+                sub = sub[mr0 - r0 : mr1 - r0, mc0 - c0 : mc1 - c0]
+                view = masks[mr0:mr1, mc0:mc1]
+                view[sub > 0] = sub[sub > 0]
+    D = D[pad : pad + M, pad : pad + N]
+    dr, di = D.real, D.imag
+    dI = dr * (2 + dr) + di * di
+    if optics.psf_px > 0:
+        dI = _blur(dI, optics.psf_px)
+    return dI.astype(np.float32), masks
 
 
 @functools.lru_cache(maxsize=64)
@@ -589,7 +601,7 @@ class GeneratorConfig:
     overfocus_fraction: float = 0.15
     thickness_nm: tuple[float, float] = (60.0, 150.0)
     v0: tuple[float, float] = (20.0, 28.0)
-    absorption_nm: tuple[float, float] = (60.0, 250.0)
+    absorption_nm: tuple[float, float] = (150.0, 600.0)
     alpha_mrad: tuple[float, float] = (0.05, 0.3)
     psf_px: tuple[float, float] = (0.5, 1.5)
     d_median_nm_range: tuple[float, float] = (6.0, 25.0)

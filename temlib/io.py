@@ -168,8 +168,8 @@ def load_map(
 
 
 def _to_inverse_angstrom(scale: float, units: str, path: Path) -> float:
-    u = units.replace(" ", "").lower()
-    if u in ("1/å", "å^-1", "1/a", "a^-1", "1/angstrom"):
+    u = units.replace(" ", "").replace("$", "").replace("{", "").replace("}", "").lower()
+    if u in ("1/å", "å^-1", "1/a", "a^-1", "1/angstrom", "angstrom^-1"):
         return float(scale)
     if u in ("1/nm", "nm^-1"):
         return float(scale) / 10.0

@@ -1229,3 +1229,36 @@ def _cli_track(parser):
         return 0
 
     return run
+
+
+def plot_boxes(image: np.ndarray, truth=None, pred=None, ax=None, title: str = ""):
+    """Show ``image`` with truth boxes (K, 5) in green and predictions (K, 6) in red."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.gca()
+    ax.imshow(image, cmap="gray")
+    for boxes, color, first in ((truth, "lime", 1), (pred, "red", 0)):
+        if boxes is None:
+            continue
+        b = np.asarray(boxes, float)
+        xy = b[:, first : first + 4] if len(b) else np.zeros((0, 4))
+        for x1, y1, x2, y2 in xy:
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=0.8, color=color))
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    return ax
+
+
+def frame_scrubber(frames, tracks: pd.DataFrame, tail: int = 20):
+    """An ipywidgets slider over ``frames`` (T, M, N) or paths, drawing the tracks of each frame."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    def show(frame: int = 0):
+        f = frames[frame]
+        img = detect.read_image(f) if isinstance(f, str | Path) else f
+        fig, ax = plt.subplots(figsize=(7, 5))
+        plot_tracks(img, tracks, frame, ax=ax, tail=tail)
+        plt.show()
+
+    return widgets.interact(show, frame=widgets.IntSlider(0, 0, len(frames) - 1, 1, continuous_update=False))
