@@ -128,11 +128,15 @@ def _rotation(rng) -> np.ndarray:
     )
 
 
-_OCT = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float) / np.sqrt(3)
+_OCT = np.array(
+    [[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float
+) / np.sqrt(3)
 _CUBE = np.vstack([np.eye(3), -np.eye(3)])
 
 
-def faceted_planes(radius: float, truncation: float, rotation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def faceted_planes(
+    radius: float, truncation: float, rotation: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Half-spaces ``n . p <= d`` of a truncated octahedron.
 
     Parameters
@@ -180,7 +184,9 @@ def chord_sphere(yy: np.ndarray, xx: np.ndarray, radius: float) -> np.ndarray:
     return 2 * np.sqrt(np.clip(radius**2 - yy**2 - xx**2, 0, None))
 
 
-def chord_polyhedron(yy: np.ndarray, xx: np.ndarray, normals: np.ndarray, distances: np.ndarray) -> np.ndarray:
+def chord_polyhedron(
+    yy: np.ndarray, xx: np.ndarray, normals: np.ndarray, distances: np.ndarray
+) -> np.ndarray:
     """Chord length along z through ``normals @ p <= distances`` at positions ``(yy, xx)``.
 
     ``normals`` columns are ``(x, y, z)``; the beam runs along z.
@@ -243,6 +249,18 @@ class Cavity:
             d_eq=(6 * vol / np.pi) ** (1 / 3),
         )
 
+    def outline_px(self, px_nm: float, n: int = 24) -> np.ndarray:
+        """Projected outline ``(P, 2)`` as ``[x, y]`` (column, row) in px of the frame."""
+        if not self.faceted:
+            a = np.linspace(0, 2 * np.pi, n, endpoint=False)
+            r = self.radius_nm / px_nm
+            return np.c_[self.col + r * np.cos(a), self.row + r * np.sin(a)]
+        from scipy.spatial import ConvexHull
+
+        v = polyhedron_vertices(*self.planes_nm())[:, :2]
+        hull = v[ConvexHull(v).vertices]
+        return np.c_[self.col + hull[:, 0] / px_nm, self.row + hull[:, 1] / px_nm]
+
     def chord(self, yy_nm: np.ndarray, xx_nm: np.ndarray) -> np.ndarray:
         """Chord (nm) at offsets ``(yy, xx)`` (nm) from the centre."""
         if not self.faceted:
@@ -274,7 +292,9 @@ class Optics:
     sigma: float = SIGMA
 
 
-_PATCH_SIZES = np.array([16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024])
+_PATCH_SIZES = np.array(
+    [16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024]
+)
 
 
 def _fast_len(n: int) -> int:
@@ -287,7 +307,9 @@ def _fast_len(n: int) -> int:
 
 def _patch_margin_px(optics: Optics, px_nm: float) -> int:
     qmax = 0.5 / px_nm if not optics.aperture_inv_nm else min(0.5 / px_nm, optics.aperture_inv_nm)
-    spread_nm = optics.wavelength_nm * abs(optics.df_nm) * qmax + 3 * np.sqrt(optics.wavelength_nm * abs(optics.df_nm))
+    spread_nm = optics.wavelength_nm * abs(optics.df_nm) * qmax + 3 * np.sqrt(
+        optics.wavelength_nm * abs(optics.df_nm)
+    )
     return int(np.ceil(spread_nm / px_nm + 4 * optics.psf_px + 6))
 
 
@@ -365,7 +387,9 @@ def cavity_intensity(
             a1 = min(h * s, int(np.ceil((own[k, 2] - r0) * s)) + 2)
             b0 = max(0, int((own[k, 1] - c0) * s) - 1)
             b1 = min(w * s, int(np.ceil((own[k, 3] - c0) * s)) + 2)
-            yy, xx = np.broadcast_arrays((ys[a0:a1] - c.row) * px_nm, (xs[:, b0:b1] - c.col) * px_nm)
+            yy, xx = np.broadcast_arrays(
+                (ys[a0:a1] - c.row) * px_nm, (xs[:, b0:b1] - c.col) * px_nm
+            )
             tk = c.chord(yy, xx)
             if return_masks:
                 owner[a0:a1, b0:b1][tk > 0] = k + 1
@@ -373,7 +397,9 @@ def cavity_intensity(
         wave = np.zeros(t.shape, np.complex64)
         inside = t > 0
         ti = t[inside]
-        wave[inside] = np.exp(ti / (2 * optics.absorption_nm) - 1j * optics.sigma * optics.v0 * ti) - 1
+        wave[inside] = (
+            np.exp(ti / (2 * optics.absorption_nm) - 1j * optics.sigma * optics.v0 * ti) - 1
+        )
         if s > 1:
             wave = wave.reshape(h, s, w, s).mean(axis=(1, 3))
         H = _cached_tf(
@@ -412,7 +438,9 @@ def cavity_intensity(
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_tf(shape, px_nm, df_nm, cs_mm, alpha_mrad, focal_spread_nm, aperture_inv_nm, wavelength_nm):
+def _cached_tf(
+    shape, px_nm, df_nm, cs_mm, alpha_mrad, focal_spread_nm, aperture_inv_nm, wavelength_nm
+):
     return transfer_function(
         shape, px_nm, df_nm, cs_mm, alpha_mrad, focal_spread_nm, aperture_inv_nm, wavelength_nm
     ).astype(np.complex64)
@@ -471,7 +499,9 @@ def line_profile(
     return x, row
 
 
-def fringe_position(x_nm: np.ndarray, profile: np.ndarray, radius_nm: float, df_nm: float) -> tuple[float, float]:
+def fringe_position(
+    x_nm: np.ndarray, profile: np.ndarray, radius_nm: float, df_nm: float
+) -> tuple[float, float]:
     """Distance (nm) from the cavity edge to its first Fresnel fringe, and the fringe contrast.
 
     The fringe is the darkest (under-focus, ``df < 0``) or brightest (over-focus) point of
@@ -486,7 +516,9 @@ def fringe_position(x_nm: np.ndarray, profile: np.ndarray, radius_nm: float, df_
     scale = np.sqrt(WAVELENGTH_NM * abs(df_nm))
     zone = (x_nm > radius_nm - 0.5 * scale) & (x_nm < radius_nm + 3 * scale)
     if not zone.any():
-        raise ValueError(f"Profile does not reach {radius_nm + 3 * scale:.1f} nm; expected a wider profile")
+        raise ValueError(
+            f"Profile does not reach {radius_nm + 3 * scale:.1f} nm; expected a wider profile"
+        )
     p = profile[zone]
     i = int(np.argmin(p) if df_nm < 0 else np.argmax(p))
     return float(x_nm[zone][i] - radius_nm), float(p[i] - 1)
@@ -513,11 +545,15 @@ def _lowres_field(rng, shape: tuple[int, int], scale_px: float) -> np.ndarray:
     w = rng.standard_normal((m, n)).astype(np.float32)
     qy = sfft.fftfreq(m)[:, None]
     qx = sfft.rfftfreq(n)[None, :]
-    g = sfft.irfft2(sfft.rfft2(w) * np.exp(-2 * (np.pi * scale_px) ** 2 * (qy**2 + qx**2)), s=(m, n))
+    g = sfft.irfft2(
+        sfft.rfft2(w) * np.exp(-2 * (np.pi * scale_px) ** 2 * (qy**2 + qx**2)), s=(m, n)
+    )
     return ((g - g.mean()) / (g.std() + 1e-12)).astype(np.float32)
 
 
-def synthetic_background(shape: tuple[int, int], rng=None, noise: float | None = None) -> np.ndarray:
+def synthetic_background(
+    shape: tuple[int, int], rng=None, noise: float | None = None
+) -> np.ndarray:
     """An embedded BF-TEM-like foil background ``(M, N)`` float32 around 1.
 
     Thickness gradient, bend contours (broad dark bands), mottled diffraction contrast on
@@ -536,8 +572,10 @@ def synthetic_background(shape: tuple[int, int], rng=None, noise: float | None =
         f = _lowres_field(rng, (m, n), rng.uniform(0.15, 0.4) * max(m, n))
         lev, wid = rng.uniform(-1.5, 1.5), rng.uniform(0.1, 0.35)
         b = b - rng.uniform(0.15, 0.45) * np.exp(-(((f - lev) / wid) ** 2))
-    b = b + rng.uniform(0.03, 0.10) * _lowres_field(rng, (m, n), rng.uniform(4, 20))  # coarse mottle
-    for _ in range(int(rng.integers(0, 3))):  # dislocation lines: thin dark zero-crossings
+    b = b + rng.uniform(0.03, 0.10) * _lowres_field(
+        rng, (m, n), rng.uniform(4, 20)
+    )  # coarse mottle
+    for _ in range(int(rng.integers(0, 3)) // 2 + int(rng.random() < 0.3)):  # dislocation lines
         f = _lowres_field(rng, (m, n), rng.uniform(15, 60))
         b = b - rng.uniform(0.08, 0.3) * np.exp(-((f / rng.uniform(0.03, 0.08)) ** 2))
     b = _resize(b, shape)
@@ -552,7 +590,7 @@ def synthetic_background(shape: tuple[int, int], rng=None, noise: float | None =
         b = b - rng.uniform(0.1, 0.35) * _blur(dots, size) * (2 * np.pi * size**2)
     b = np.clip(b, 0.2, None)
     level = noise if noise is not None else rng.uniform(0.03, 0.12)
-    nz = _blur(rng.standard_normal(shape, dtype=np.float32), rng.uniform(0.5, 1.2))
+    nz = _blur(rng.standard_normal(shape, dtype=np.float32), rng.uniform(0.4, 1.0))
     nz *= level / (nz.std() + 1e-9)
     return (b * (1 + nz)).astype(np.float32)
 
@@ -566,7 +604,9 @@ def local_level(image: np.ndarray, sigma_px: float) -> np.ndarray:
     try:
         import cv2
 
-        small = cv2.resize(a, (max(1, a.shape[1] // f), max(1, a.shape[0] // f)), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(
+            a, (max(1, a.shape[1] // f), max(1, a.shape[0] // f)), interpolation=cv2.INTER_AREA
+        )
     except ImportError:  # pragma: no cover
         small = a[::f, ::f]
     return _resize(_blur(small, sigma_px / f), a.shape)
@@ -590,6 +630,13 @@ def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
 class GeneratorConfig:
     """Parameters of the synthetic cavity images (ranges are drawn uniformly per image).
 
+    Defocus: with ``fringe_px`` set, ``|df| = (f px)^2 / lambda`` for a fringe width ``f``
+    drawn from ``fringe_px`` (pixels), as a microscopist picks the defocus for the
+    magnification, clipped to ``df_nm`` (|df| bounds); otherwise ``|df|`` is drawn from
+    ``df_nm``. A fraction ``overfocus_fraction`` of images is over-focus. Cavities whose
+    peak contrast ``|dI|`` is below ``max(min_contrast, noise)`` are drawn but not
+    labelled (invisible to a person too).
+
     Sizes: cavity diameters are log-normal with median ``d_median_nm`` (itself drawn
     from ``d_median_nm_range`` per image) and log-std ``d_sigma``; values outside
     ``d_range_nm`` or below ``min_d_px`` pixels are redrawn.
@@ -597,13 +644,16 @@ class GeneratorConfig:
 
     size: int = 1024
     nm_per_px: tuple[float, float] = (0.3, 1.0)
-    df_nm: tuple[float, float] = (-2500.0, -300.0)
+    df_nm: tuple[float, float] = (-3000.0, -250.0)
+    fringe_px: tuple[float, float] | None = (1.0, 3.0)
     overfocus_fraction: float = 0.15
     thickness_nm: tuple[float, float] = (60.0, 150.0)
     v0: tuple[float, float] = (20.0, 28.0)
-    absorption_nm: tuple[float, float] = (150.0, 600.0)
+    absorption_nm: tuple[float, float] = (50.0, 300.0)
     alpha_mrad: tuple[float, float] = (0.05, 0.3)
-    psf_px: tuple[float, float] = (0.5, 1.5)
+    psf_px: tuple[float, float] = (0.3, 1.0)
+    noise: tuple[float, float] = (0.02, 0.08)
+    min_contrast: float = 0.03
     d_median_nm_range: tuple[float, float] = (6.0, 25.0)
     d_sigma: float = 0.35
     d_range_nm: tuple[float, float] = (2.0, 60.0)
@@ -616,10 +666,20 @@ class GeneratorConfig:
     oversample: int = 2
 
     def __post_init__(self):
-        for name in ("nm_per_px", "df_nm", "thickness_nm", "v0", "absorption_nm", "d_median_nm_range", "count"):
+        for name in (
+            "nm_per_px",
+            "df_nm",
+            "thickness_nm",
+            "v0",
+            "absorption_nm",
+            "d_median_nm_range",
+            "count",
+        ):
             lo, hi = getattr(self, name)
             if lo > hi:
-                raise ValueError(f"Range {name}={getattr(self, name)!r} is reversed; expected (low, high)")
+                raise ValueError(
+                    f"Range {name}={getattr(self, name)!r} is reversed; expected (low, high)"
+                )
         for name in ("overfocus_fraction", "faceted_fraction", "edge_fraction"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
@@ -703,8 +763,19 @@ def place_cavities(
     return placed
 
 
-def _labels(cavities: list[Cavity], shape, px_nm: float, masks: np.ndarray) -> tuple[np.ndarray, list[dict]]:
-    """YOLO label rows ``(K, 5)`` and table rows of the visible cavities."""
+def _labels(
+    cavities: list[Cavity],
+    shape,
+    px_nm: float,
+    masks: np.ndarray,
+    dI: np.ndarray | None = None,
+    min_contrast: float = 0.0,
+) -> tuple[np.ndarray, list[dict]]:
+    """YOLO label rows ``(K, 5)`` and table rows of the visible cavities.
+
+    A cavity is labelled when at least 30 % of its box lies in the frame and its peak
+    contrast ``max |dI|`` inside its box reaches ``min_contrast``.
+    """
     M, N = shape
     rows, boxes = [], []
     areas = np.bincount(masks.ravel(), minlength=len(cavities) + 1) if masks is not None else None
@@ -719,6 +790,13 @@ def _labels(cavities: list[Cavity], shape, px_nm: float, masks: np.ndarray) -> t
             continue
         vis = (x2 - x1) * (y2 - y1) / ((full[2] - full[0]) * (full[3] - full[1]))
         if vis < 0.3 or (areas is not None and areas[k + 1] == 0):
+            continue
+        contrast = (
+            float(np.abs(dI[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))]).max())
+            if dI is not None
+            else 1.0
+        )
+        if contrast < min_contrast:
             continue
         boxes.append([0, x1, y1, x2, y2])
         d_px = hx + hy  # mean of box width and height
@@ -737,7 +815,9 @@ def _labels(cavities: list[Cavity], shape, px_nm: float, masks: np.ndarray) -> t
                 volume_nm3=g["volume"],
                 shape="faceted" if c.faceted else "sphere",
                 edge_cut=bool(vis < 0.999),
+                contrast=contrast,
                 source="simulated",
+                polygon=np.round(np.clip(c.outline_px(px_nm), 0, [N, M]), 2).ravel().tolist(),
             )
         )
     return np.array(boxes, float).reshape(-1, 5), rows
@@ -758,7 +838,9 @@ def swelling_percent(diameters_nm, area_nm2: float, thickness_nm: float, volumes
         ``(K,)`` true volumes to use instead of spheres (faceted shapes), nm^3.
     """
     if not area_nm2 > 0 or not thickness_nm > 0:
-        raise ValueError(f"Area {area_nm2!r} nm^2 and thickness {thickness_nm!r} nm must be positive")
+        raise ValueError(
+            f"Area {area_nm2!r} nm^2 and thickness {thickness_nm!r} nm must be positive"
+        )
     if volumes_nm3 is None:
         v = float(np.sum(np.pi * np.asarray(diameters_nm, float) ** 3 / 6))
     else:
@@ -770,9 +852,13 @@ def _u(rng, lohi):
     return float(rng.uniform(lohi[0], lohi[1])) if lohi[1] > lohi[0] else float(lohi[0])
 
 
-def draw_optics(rng, cfg: GeneratorConfig) -> Optics:
+def draw_optics(rng, cfg: GeneratorConfig, px_nm: float) -> Optics:
     """Imaging settings of one image drawn from the config's ranges."""
-    df = -abs(_u(rng, cfg.df_nm))
+    lo, hi = sorted(abs(v) for v in cfg.df_nm)
+    if cfg.fringe_px:
+        df = -float(np.clip((_u(rng, cfg.fringe_px) * px_nm) ** 2 / WAVELENGTH_NM, lo, hi))
+    else:
+        df = -_u(rng, (lo, hi))
     if rng.random() < cfg.overfocus_fraction:
         df = -df
     return Optics(
@@ -822,9 +908,10 @@ def generate_image(
     rng = np.random.default_rng(rng)
     cfg = cfg or GeneratorConfig()
     px = float(nm_per_px) if nm_per_px else _u(rng, cfg.nm_per_px)
-    opt = optics or draw_optics(rng, cfg)
+    opt = optics or draw_optics(rng, cfg, px)
     if background is None:
-        bg = synthetic_background((cfg.size, cfg.size), rng)
+        noise = _u(rng, cfg.noise)
+        bg = synthetic_background((cfg.size, cfg.size), rng, noise=noise)
         level, span = rng.uniform(90, 170), rng.uniform(0.7, 1.3)
         bg_real = False
     else:
@@ -833,8 +920,14 @@ def generate_image(
             raise ValueError(f"Background of shape {bg.shape} is not grey; expected (M, N)")
         level, span = None, None
         bg_real = True
+        hp = bg - _blur(bg, 2.0)
+        noise = float(hp.std() / (bg.mean() + 1e-6)) * 1.5
     shape = bg.shape
-    n = int(n_cavities) if n_cavities is not None else int(rng.integers(cfg.count[0], cfg.count[1] + 1))
+    n = (
+        int(n_cavities)
+        if n_cavities is not None
+        else int(rng.integers(cfg.count[0], cfg.count[1] + 1))
+    )
     real = np.zeros((0, 5)) if real_boxes is None else np.asarray(real_boxes, float).reshape(-1, 5)
     cavs = place_cavities(rng, n, shape, px, cfg, avoid=real[:, 1:] if len(real) else None)
     dI, masks = cavity_intensity(cavs, shape, px, opt, oversample=cfg.oversample)
@@ -846,7 +939,7 @@ def generate_image(
     else:
         img = (img - img.mean()) / (img.std() + 1e-6)
         out = np.clip(np.rint(level + span * 38 * img), 0, 255).astype(np.uint8)
-    boxes, rows = _labels(cavs, shape, px, masks)
+    boxes, rows = _labels(cavs, shape, px, masks, dI, max(cfg.min_contrast, noise))
     for r in rows:
         r["defocus_nm"] = opt.df_nm
     for x1, y1, x2, y2 in real[:, 1:]:
@@ -866,6 +959,7 @@ def generate_image(
                 volume_nm3=np.pi * (d * px) ** 3 / 6,
                 shape="real",
                 edge_cut=bool(x1 <= 0 or y1 <= 0 or x2 >= shape[1] or y2 >= shape[0]),
+                contrast=float("nan"),
                 source="real",
                 defocus_nm=float("nan"),
             )
@@ -924,7 +1018,9 @@ def read_backgrounds(folder: str | Path) -> list[tuple[str, np.ndarray, np.ndarr
     return out
 
 
-def crop_background(rng, image: np.ndarray, labels: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+def crop_background(
+    rng, image: np.ndarray, labels: np.ndarray, size: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Random crop (and resize to ``size`` when smaller), flips and 90-degree turns, labels following."""
     img = np.asarray(image, np.float32)
     lab = np.asarray(labels, float).reshape(-1, 5).copy()
@@ -960,33 +1056,32 @@ def crop_background(rng, image: np.ndarray, labels: np.ndarray, size: int | None
 # --------------------------------------------------------------------------- dataset
 
 
-def _one(args) -> dict:
-    seed, cfg, bg, fraction = args
+def _one(args) -> tuple[str, dict, list[dict]]:
+    """Generate image ``i`` and write its PNG, YOLO txt and mask (runs in a worker)."""
+    from PIL import Image
+
+    from .detect import write_yolo_txt
+
+    i, seed, cfg, bg, fraction, tmp, width = args
     rng = np.random.default_rng(seed)
-    n = None
     if bg is not None:
         name, img, lab = bg
         img, lab = crop_background(rng, img, lab, cfg.size)
-        if len(lab) and fraction is not None:
-            # simulated / (simulated + real) = fraction
+        n = None
+        if len(lab) and fraction is not None:  # simulated / (simulated + real) = fraction
             n = int(round(fraction / max(1e-9, 1 - fraction) * len(lab)))
         res = generate_image(rng, cfg, background=img, real_boxes=lab, n_cavities=n)
         res["meta"]["background_file"] = name
     else:
         res = generate_image(rng, cfg)
-    return res
-
-
-def _write_outputs(tmp: Path, i: int, res: dict, width: int) -> tuple[str, dict]:
-    from PIL import Image
-
-    from .detect import write_yolo_txt
-
     stem = f"cav_{i:0{width}d}"
+    tmp = Path(tmp)
     Image.fromarray(res["image"]).save(tmp / "images" / f"{stem}.png", compress_level=1)
-    write_yolo_txt(tmp / "labels" / f"{stem}.txt", res["boxes"], res["image"].shape, with_conf=False)
+    write_yolo_txt(
+        tmp / "labels" / f"{stem}.txt", res["boxes"], res["image"].shape, with_conf=False
+    )
     Image.fromarray(res["masks"]).save(tmp / "masks" / f"{stem}.png", compress_level=1)
-    return stem, res
+    return stem, res["meta"], res["cavities"]
 
 
 def generate_dataset(
@@ -1002,7 +1097,8 @@ def generate_dataset(
     """Generate ``n`` labelled images into ``out_dir`` (replaced atomically) and return it.
 
     Layout: ``images/*.png`` (8-bit grey), ``labels/*.txt`` (YOLO, class 0 = cavity),
-    ``masks/*.png`` (16-bit instance labels of the simulated cavities), ``coco.json``,
+    ``masks/*.png`` (16-bit instance labels of the simulated cavities; value = ``instance``
+    of ``cavities.csv``), ``coco.json`` (boxes; polygons of the projected outlines),
     ``cavities.csv`` (one row per cavity: image, centre, box, diameter px/nm, equivalent
     diameter, volume, shape, defocus, simulated or real), ``images.csv`` (nm/px, defocus,
     foil thickness, counts, swelling %), ``generator.json`` (the config and seed).
@@ -1036,7 +1132,9 @@ def generate_dataset(
     if n < 1:
         raise ValueError(f"Number of images {n!r} must be at least 1")
     if fraction is not None and not 0 <= fraction < 1:
-        raise ValueError(f"Fraction of simulated cavities {fraction!r} is out of range; expected 0 <= f < 1")
+        raise ValueError(
+            f"Fraction of simulated cavities {fraction!r} is out of range; expected 0 <= f < 1"
+        )
     if isinstance(rng, np.random.Generator):
         seed = int(rng.integers(2**63))
     else:
@@ -1045,9 +1143,12 @@ def generate_dataset(
     children = ss.spawn(n)
     bgs = None
     if backgrounds is not None:
-        bgs = read_backgrounds(backgrounds) if isinstance(backgrounds, str | Path) else list(backgrounds)
+        bgs = (
+            read_backgrounds(backgrounds)
+            if isinstance(backgrounds, str | Path)
+            else list(backgrounds)
+        )
     pick = np.random.default_rng(ss.spawn(1)[0]).integers(0, len(bgs), n) if bgs else None
-    jobs = [(children[i], cfg, bgs[pick[i]] if bgs else None, fraction) for i in range(n)]
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -1056,34 +1157,62 @@ def generate_dataset(
     try:
         for sub in ("images", "labels", "masks"):
             (tmp / sub).mkdir()
+        jobs = [
+            (i, children[i], cfg, bgs[pick[i]] if bgs else None, fraction, str(tmp), width)
+            for i in range(n)
+        ]
         if workers > 1:
             from concurrent.futures import ProcessPoolExecutor
 
             ex = ProcessPoolExecutor(max_workers=workers)
-            it = ex.map(_one, jobs, chunksize=4)
+            it = ex.map(_one, jobs, chunksize=2)
         else:
             ex = None
             it = map(_one, jobs)
         try:
-            for i, res in enumerate(tqdm(it, total=n, desc="cavity images", disable=not progress)):
-                stem, res = _write_outputs(tmp, i, res, width)
-                m = res["meta"]
+            for i, (stem, m, cavs) in enumerate(
+                tqdm(it, total=n, desc="cavity images", disable=not progress)
+            ):
                 img_rows.append(dict(image=f"{stem}.png", **m))
-                coco_imgs.append(dict(id=i + 1, file_name=f"images/{stem}.png", height=m["height_px"], width=m["width_px"]))
-                for r in res["cavities"]:
-                    cav_rows.append(dict(image=f"{stem}.png", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+                coco_imgs.append(
+                    dict(
+                        id=i + 1,
+                        file_name=f"images/{stem}.png",
+                        height=m["height_px"],
+                        width=m["width_px"],
+                    )
+                )
+                for r in cavs:
+                    poly = r.pop("polygon", None)
+                    cav_rows.append(
+                        dict(
+                            image=f"{stem}.png",
+                            **{
+                                k: (round(v, 4) if isinstance(v, float) else v)
+                                for k, v in r.items()
+                            },
+                        )
+                    )
                     ann = dict(
                         id=len(coco_anns) + 1,
                         image_id=i + 1,
                         category_id=1,
-                        bbox=[r["x1"], r["y1"], r["x2"] - r["x1"], r["y2"] - r["y1"]],
+                        bbox=[
+                            round(r["x1"], 2),
+                            round(r["y1"], 2),
+                            round(r["x2"] - r["x1"], 2),
+                            round(r["y2"] - r["y1"], 2),
+                        ],
                         area=float((r["x2"] - r["x1"]) * (r["y2"] - r["y1"])),
                         iscrowd=0,
-                        attributes=dict(source=r["source"], diameter_nm=r["diameter_nm"]),
+                        attributes=dict(
+                            source=r["source"],
+                            diameter_nm=round(r["diameter_nm"], 3),
+                            instance=r["instance"],
+                        ),
                     )
-                    if r["source"] == "simulated":
-                        ann["segmentation"] = _rle(res["masks"] == r["instance"])
-                        ann["area"] = float(np.count_nonzero(res["masks"] == r["instance"]))
+                    if poly:
+                        ann["segmentation"] = [poly]
                     coco_anns.append(ann)
         finally:
             if ex is not None:
@@ -1104,8 +1233,16 @@ def generate_dataset(
                 wr.writeheader()
                 wr.writerows(rows)
         (tmp / "generator.json").write_text(
-            json.dumps(dict(config=dataclasses.asdict(cfg), seed=str(seed), n=n, fraction=fraction,
-                            backgrounds=str(backgrounds) if isinstance(backgrounds, str | Path) else None), indent=2)
+            json.dumps(
+                dict(
+                    config=dataclasses.asdict(cfg),
+                    seed=str(seed),
+                    n=n,
+                    fraction=fraction,
+                    backgrounds=str(backgrounds) if isinstance(backgrounds, str | Path) else None,
+                ),
+                indent=2,
+            )
         )
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
@@ -1122,15 +1259,6 @@ def generate_dataset(
     return out_dir
 
 
-def _rle(mask: np.ndarray) -> dict:
-    """Uncompressed COCO run-length encoding (column-major) of a boolean mask ``(M, N)``."""
-    flat = np.asarray(mask, bool).ravel(order="F")
-    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    runs = np.diff(np.concatenate([[0], change, [flat.size]]))
-    counts = runs.tolist() if not flat[0] else [0, *runs.tolist()]
-    return dict(size=list(mask.shape), counts=counts)
-
-
 def load_dataset(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
     """Read a generated dataset: images ``(M, N)`` uint8, labels ``(K, 5)`` px, metadata rows."""
     import csv
@@ -1139,7 +1267,9 @@ def load_dataset(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray]
 
     folder = Path(folder)
     if not (folder / "images.csv").is_file():
-        raise FileNotFoundError(f"No generated cavity dataset in {folder}; expected images.csv from generate_dataset")
+        raise FileNotFoundError(
+            f"No generated cavity dataset in {folder}; expected images.csv from generate_dataset"
+        )
     with open(folder / "images.csv") as fh:
         meta = list(csv.DictReader(fh))
     imgs, labs = [], []
@@ -1183,7 +1313,9 @@ def radial_power_spectrum(image: np.ndarray, n_bins: int = 64) -> tuple[np.ndarr
     return 0.5 * (edges[1:] + edges[:-1]), power
 
 
-def radial_profile(image: np.ndarray, row: float, col: float, r_max: float, n_bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
+def radial_profile(
+    image: np.ndarray, row: float, col: float, r_max: float, n_bins: int = 40
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean intensity vs distance (px) from ``(row, col)`` out to ``r_max`` px."""
     a = np.asarray(image, np.float64)
     r0, r1 = int(max(0, row - r_max)), int(min(a.shape[0], row + r_max + 1))
@@ -1208,13 +1340,47 @@ def _cli_cavity(parser):
     g = sub.add_parser("generate", help="generate labelled synthetic BF-TEM cavity images")
     g.add_argument("--n", type=int, required=True, help="number of images")
     g.add_argument("--out", required=True, help="output folder (replaced)")
-    g.add_argument("--backgrounds", default=None, help="folder of BF-TEM images (+ YOLO labels of real cavities)")
-    g.add_argument("--fraction", type=float, default=0.3, help="fraction of simulated cavities on labelled backgrounds")
-    g.add_argument("--size", type=int, default=1024, help="image size in px (square; backgrounds are cropped)")
-    g.add_argument("--nm-per-px", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="calibration range")
-    g.add_argument("--defocus-nm", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="|defocus| range, nm")
-    g.add_argument("--overfocus-fraction", type=float, default=None, help="fraction of over-focus images")
-    g.add_argument("--count", type=int, nargs=2, default=None, metavar=("LO", "HI"), help="simulated cavities per image")
+    g.add_argument(
+        "--backgrounds",
+        default=None,
+        help="folder of BF-TEM images (+ YOLO labels of real cavities)",
+    )
+    g.add_argument(
+        "--fraction",
+        type=float,
+        default=0.3,
+        help="fraction of simulated cavities on labelled backgrounds",
+    )
+    g.add_argument(
+        "--size", type=int, default=1024, help="image size in px (square; backgrounds are cropped)"
+    )
+    g.add_argument(
+        "--nm-per-px",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="calibration range",
+    )
+    g.add_argument(
+        "--defocus-nm",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="|defocus| range, nm",
+    )
+    g.add_argument(
+        "--overfocus-fraction", type=float, default=None, help="fraction of over-focus images"
+    )
+    g.add_argument(
+        "--count",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="simulated cavities per image",
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--workers", type=int, default=2, help="processes (default 2)")
 
@@ -1231,9 +1397,17 @@ def _cli_cavity(parser):
             kw["count"] = tuple(args.count)
         cfg = GeneratorConfig(**kw)
         out = generate_dataset(
-            args.n, args.out, cfg, backgrounds=args.backgrounds, fraction=args.fraction, rng=args.seed, workers=args.workers
+            args.n,
+            args.out,
+            cfg,
+            backgrounds=args.backgrounds,
+            fraction=args.fraction,
+            rng=args.seed,
+            workers=args.workers,
         )
-        print(f"wrote {args.n} labelled images to {out} (images/, labels/, masks/, coco.json, cavities.csv, images.csv)")
+        print(
+            f"wrote {args.n} labelled images to {out} (images/, labels/, masks/, coco.json, cavities.csv, images.csv)"
+        )
         return 0
 
     return run
