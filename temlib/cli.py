@@ -20,6 +20,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth-map": ("temlib.synth", "generate a synthetic steel scanned-diffraction map with its ground truth"),
     "info": ("temlib.io", "describe a 4D map: shape, calibration, beam energy, phases if labelled"),
+    "cavity": ("temlib.cavity", "physics-based synthetic BF-TEM cavity images with labels: cavity generate --n N --out DIR"),
     "detect": ("temlib.detect", "detect defects (cavities, loops) in a folder of images with a trained YOLO model"),
     "track": ("temlib.track", "detect and track defects in an in-situ video or folder of frames (--watch: live)"),
     "reports": ("temlib.reports", "execute notebooks with papermill and render HTML reports"),
