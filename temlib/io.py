@@ -204,6 +204,17 @@ def iter_chunks(signal, chunk: int = 32, show_progressbar: bool = True, desc: st
         yield (rs, cs), block
 
 
+def sample_patterns(signal, n: int = 6, rng=None) -> tuple[np.ndarray, list[str]]:
+    """``n`` patterns of a (lazy) map at random scan positions, with "(row, col)" titles."""
+    rng = np.random.default_rng(rng)
+    h, w = signal.data.shape[:2]
+    flat = rng.choice(h * w, size=min(n, h * w), replace=False)
+    rr, cc = np.unravel_index(np.sort(flat), (h, w))
+    pats = np.stack([np.asarray(signal.data[r, c]) for r, c in zip(rr, cc, strict=True)]).astype(np.float32)
+    check_finite(pats, "map")
+    return pats, [f"({r}, {c})" for r, c in zip(rr, cc, strict=True)]
+
+
 # --------------------------------------------------------------------------------------
 # Direct beam and working calibration
 # --------------------------------------------------------------------------------------

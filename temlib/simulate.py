@@ -399,3 +399,123 @@ def render_templates(
             if -3 * sigma < col < size + 3 * sigma and -3 * sigma < row < size + 3 * sigma:
                 out[k] += w * np.exp(-((xx - col) ** 2 + (yy - row) ** 2) / (2 * sigma**2))
     return out
+
+
+def beam_directions(lib: TemplateLibrary) -> np.ndarray:
+    """(T, 3) unit beam direction (sample z) of each template in crystal Cartesian coordinates."""
+    return lib.rotations.to_matrix() @ np.array([0.0, 0.0, 1.0])
+
+
+def zone_axis_label(phase: Phase, direction: np.ndarray, max_index: int = 6) -> str:
+    """The simplest [uvw] within 1 deg of a crystal Cartesian ``direction``, or '~[u v w]'."""
+    from orix.vector import Miller
+
+    d = np.asarray(direction, float) / np.linalg.norm(direction)
+    best, best_ang = None, 180.0
+    for u in range(-max_index, max_index + 1):
+        for v in range(-max_index, max_index + 1):
+            for w in range(-max_index, max_index + 1):
+                if (u, v, w) == (0, 0, 0) or np.gcd.reduce([u, v, w]) != 1:
+                    continue
+                m = Miller(uvw=[u, v, w], phase=phase).unit.data[0]
+                ang = np.degrees(np.arccos(np.clip(m @ d, -1, 1)))
+                if ang < best_ang - 1e-9:
+                    best, best_ang = (u, v, w), ang
+    tag = "" if best_ang < 1.0 else "~"
+    return f"{tag}[{best[0]} {best[1]} {best[2]}]"
+
+
+def spread_templates(lib: TemplateLibrary, n: int = 8) -> np.ndarray:
+    """Indices of ``n`` templates whose beam directions spread over the sector (farthest-point)."""
+    d = beam_directions(lib)
+    chosen = [int(np.argmax(d[:, 2]))]  # start near [001]
+    dist = np.full(len(d), np.inf)
+    for _ in range(min(n, len(d)) - 1):
+        dist = np.minimum(dist, np.arccos(np.clip(d @ d[chosen[-1]], -1, 1)))
+        chosen.append(int(np.argmax(dist)))
+    return np.asarray(chosen)
+
+
+def library_summary(libs: dict) -> list[dict]:
+    """One row per library: phase, kind, templates, resolution, spots per template, time."""
+    rows = []
+    for (name, kind), lib in libs.items():
+        ns = lib.n_spots
+        rows.append(
+            {
+                "phase": name,
+                "kind": kind,
+                "resolution (deg)": lib.params["resolution"],
+                "templates": lib.size,
+                "spots median": float(np.median(ns)),
+                "spots p5-p95": f"{np.percentile(ns, 5):.0f}-{np.percentile(ns, 95):.0f}",
+                "simulation time (s)": round(lib.seconds, 2) if lib.seconds else "cached",
+                "templates/s": round(lib.size / lib.seconds) if lib.seconds else "-",
+            }
+        )
+    return rows
+
+
+def beam_direction_vectors(lib: TemplateLibrary):
+    """Beam directions of the templates as an orix ``Vector3d`` (for IPF scatter plots)."""
+    from orix.vector import Vector3d
+
+    return Vector3d(beam_directions(lib))
+
+
+def compare_with_diffsims(
+    phases=crystal.STEEL_PHASES,
+    n: int = 20,
+    reciprocal_radius: float = 1.5,
+    max_excitation_error: float = 0.05,
+    kv: float = 200.0,
+    rng=None,
+) -> list[dict]:
+    """Check :func:`kinematic_spots` against diffsims for ``n`` random orientations per phase.
+
+    Returns one row per phase: spot counts, the largest position (1/Å) and relative
+    intensity differences, and the time per pattern of both.
+    """
+    from diffsims.generators.simulation_generator import SimulationGenerator
+
+    rng = np.random.default_rng(rng)
+    rows = []
+    for name in phases:
+        phase = crystal.get_phase(name)
+        q = rng.standard_normal((n, 4))
+        rot = Rotation(q / np.linalg.norm(q, axis=1, keepdims=True))
+        gen = SimulationGenerator(kv, minimum_intensity=1e-4)
+        t0 = time.perf_counter()
+        ref = [
+            gen.calculate_diffraction2d(
+                phase, rotation=rot[i], reciprocal_radius=reciprocal_radius,
+                max_excitation_error=max_excitation_error, with_direct_beam=False,
+            ).coordinates
+            for i in range(n)
+        ]
+        t_ref = (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        refl = reflections(phase, g_max=reciprocal_radius)
+        xy, inten, _ = kinematic_spots(refl, rot, kv=kv, max_excitation_error=max_excitation_error, min_intensity=1e-4)
+        t_ours = (time.perf_counter() - t0) / n
+        d_pos, d_int, same = 0.0, 0.0, 0
+        for i, c in enumerate(ref):
+            k = int((inten[i] > 0).sum())
+            same += int(k == c.size)
+            if c.size and k == c.size:
+                o = np.argsort(-c.intensity)
+                d_pos = max(d_pos, float(np.abs(c.data[o, :2] - xy[i, :k]).max()))
+                d_int = max(d_int, float(np.abs(c.intensity[o] - inten[i, :k]).max() / c.intensity.max()))
+        rows.append(
+            {
+                "phase": name,
+                "orientations": n,
+                "same spot count": f"{same}/{n}",
+                "max position difference (1/Å)": d_pos,
+                "max relative intensity difference": d_int,
+                "diffsims ms/pattern": round(1e3 * t_ref, 2),
+                "batched ms/pattern": round(1e3 * t_ours, 3),
+                "speed-up": round(t_ref / t_ours, 1),
+            }
+        )
+    return rows

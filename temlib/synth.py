@@ -51,6 +51,7 @@ from . import crystal, paths, simulate
 log = logging.getLogger(__name__)
 
 PHASES = crystal.STEEL_PHASES  # phase ids 0, 1, 2 in every map
+GENERATOR_VERSION = 2  # part of the cache key of steel_maps: bump when the look of patterns changes
 PHASE_ID = {name: i for i, name in enumerate(PHASES)}
 MAX_SPOTS = {"ferrite": 60, "NbC": 80, "cementite": 160}
 
@@ -71,8 +72,9 @@ class Camera:
     spot_sigma: float = 1.2  # px, Gaussian core of a spot (probe + phosphor)
     tail_sigmas: tuple = (4.0, 14.0)  # px, long PSF tails as Gaussians
     tail_weights: tuple = (0.05, 0.04)  # fraction of each spot's counts in each tail
-    exposure: float = 120.0  # counts of a strong reflection
-    direct_beam: float = 40.0  # direct beam counts / exposure (saturates)
+    relrod: float = 0.025  # 1/Å, relrod half-width at 60 nm (scales as 1/sqrt(thickness))
+    exposure: float = 800.0  # counts of the strongest reflection on the Ewald sphere
+    direct_beam: float = 15.0  # direct beam counts / exposure (saturates)
     background: float = 25.0  # diffuse counts at the centre
     background_k: float = 0.35  # 1/Å, half-width of the diffuse halo
     background_floor: float = 3.0  # counts, flat
@@ -104,8 +106,9 @@ def random_camera(rng=None, size: int = 144, calibration: float = 0.02, kv: floa
         spot_sigma=u(0.8, 1.8),
         tail_sigmas=(u(3.0, 6.0), u(10.0, 24.0)),
         tail_weights=(u(0.02, 0.10), u(0.02, 0.08)),
-        exposure=u(60, 220),
-        direct_beam=u(15, 60),
+        relrod=u(0.012, 0.04),
+        exposure=u(300, 2000),
+        direct_beam=u(5, 30),
         background=u(5, 50),
         background_k=u(0.2, 0.6),
         background_floor=u(0.5, 8),
@@ -421,7 +424,7 @@ def render_patterns(
             tab.refl,
             rot[sel_n, c],
             kv=camera.kv,
-            max_excitation_error=10.0 / t,  # relrod half-width (1/Å) ~ 1 / thickness (nm -> Å)
+            max_excitation_error=camera.relrod * np.sqrt(60.0 / t),  # thinner foil: longer relrods
             precession_deg=camera.precession_deg,
             min_intensity=2e-3,
             max_spots=MAX_SPOTS[PHASES[pid]],
@@ -761,48 +764,115 @@ MAP_KEYS = (
 )
 
 
-def steel_maps(profile: str = "default", show_progressbar: bool = True) -> dict[str, SynthMap]:
-    """The three synthetic maps of a profile (``train1``, ``train2``, ``test``), generated once.
+def steel_maps(params=None, show_progressbar: bool = True) -> dict[str, SynthMap]:
+    """The three synthetic maps (``train1``, ``train2``, ``test``) of a profile, generated once.
 
-    Their parameters come from ``params/<profile>/00_ingest.yaml``; they live in
-    ``data/synthetic/<profile>/`` and are regenerated only when those parameters change.
+    Parameters
+    ----------
+    params
+        A profile name (``"default"``, ``"ci"``, ``"full"``), or resolved 00_ingest
+        parameters (:func:`temlib.config.load`) whose map keys may be overridden.
+
+    Maps live in ``data/synthetic/<profile>/`` (or ``<profile>-<hash>/`` when the map
+    parameters differ from the profile's) and are regenerated only when they change.
     """
     from . import config
 
-    cfg = config.load("00_ingest", profile)
-    spec = {k: cfg[k] for k in MAP_KEYS}
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:10]
-    root = paths.data_dir("synthetic") / profile
+    if params is None or isinstance(params, str):
+        params = config.load("00_ingest", params or "default")
+    profile_spec = {k: config.load("00_ingest", params.profile)[k] for k in MAP_KEYS}
+    spec = {k: params[k] for k in MAP_KEYS}
+    key = hashlib.sha1(json.dumps([spec, GENERATOR_VERSION], sort_keys=True, default=list).encode()).hexdigest()[:10]
+    name = params.profile if spec == profile_spec else f"{params.profile}-{key}"
+    root = paths.data_dir("synthetic") / name
     stamp = root / "maps.json"
     names = ("train1", "train2", "test")
-    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and all((root / n / "spec.json").is_file() for n in names):
+    if (
+        stamp.is_file()
+        and json.loads(stamp.read_text()).get("key") == key
+        and all((root / n / "spec.json").is_file() for n in names)
+    ):
         return {n: SynthMap(root / n) for n in names}
     root.mkdir(parents=True, exist_ok=True)
     common = dict(
-        shape=tuple(cfg.map_shape),
-        n_grains=cfg.n_grains,
-        colony_fraction=cfg.colony_fraction,
-        cementite_particles=cfg.cementite_particles,
-        nbc_particles=cfg.nbc_particles,
-        pattern_size=cfg.pattern_size,
-        calibration=cfg.calibration,
-        kv=cfg.kv,
-        randomize_camera=cfg.randomize_camera,
+        shape=tuple(spec["map_shape"]),
+        n_grains=spec["n_grains"],
+        colony_fraction=spec["colony_fraction"],
+        cementite_particles=spec["cementite_particles"],
+        nbc_particles=spec["nbc_particles"],
+        pattern_size=spec["pattern_size"],
+        calibration=spec["calibration"],
+        kv=spec["kv"],
+        randomize_camera=spec["randomize_camera"],
         overwrite=True,
         show_progressbar=show_progressbar,
     )
     maps = {}
     for i, n in enumerate(names[:2]):
-        maps[n] = generate_map(root / n, seed=cfg.seed * 100 + i, **common)
+        maps[n] = generate_map(root / n, seed=spec["seed"] * 100 + i, **common)
     maps["test"] = generate_map(
         root / "test",
-        seed=cfg.seed * 100 + 2,
+        seed=spec["seed"] * 100 + 2,
         avoid=region_orientations([maps["train1"], maps["train2"]]),
-        min_misorientation=cfg.min_misorientation,
+        min_misorientation=spec["min_misorientation"],
         **common,
     )
     stamp.write_text(json.dumps({"key": key, "spec": spec}, indent=2, default=list))
     return maps
+
+
+def summary(maps: dict[str, SynthMap]) -> list[dict]:
+    """One row per map: shape, calibration, phase fractions, camera draw, generation speed."""
+    rows = []
+    for name, m in maps.items():
+        sp = m.spec
+        cam = sp["camera"]
+        rule = sp.get("test_rule") or {}
+        rows.append(
+            {
+                "map": name,
+                "scan": "x".join(map(str, sp["shape"])),
+                "calibration (1/Å/px)": round(cam["calibration"], 5),
+                **{f"{p} %": round(100 * f, 1) for p, f in sp["phase_fractions"].items()},
+                "regions": sp["n_regions"],
+                "precession (deg)": round(cam["precession_deg"], 2),
+                "spot sigma (px)": round(cam["spot_sigma"], 2),
+                "gamma": round(cam["gamma"], 2),
+                "beam drift (px)": round(cam["center_drift"], 2),
+                "min misorientation to training (deg)": (
+                    ", ".join(f"{k} {v:.1f}" for k, v in rule.get("achieved_min_deg", {}).items()) if rule else "-"
+                ),
+                "patterns/s": round(sp["patterns_per_second"]),
+            }
+        )
+    return rows
+
+
+def sample_patterns(m: SynthMap, per_phase: int = 6, rng=None, pure: bool = True) -> tuple[np.ndarray, list[str]]:
+    """A few patterns of each phase from map ``m`` with titles (phase, scan position, weight).
+
+    ``pure`` picks pixels inside a region (weight 1); otherwise boundary pixels too.
+    """
+    rng = np.random.default_rng(rng)
+    t = m.truth_arrays()
+    data = m.load().data
+    pats, titles = [], []
+    for pid, name in enumerate(PHASES):
+        ok = (t["phase_id"] == pid) & ((t["weight"] >= 1.0) if pure else True)
+        rr, cc = np.nonzero(ok)
+        if rr.size == 0:
+            continue
+        for j in rng.choice(rr.size, size=min(per_phase, rr.size), replace=False):
+            pats.append(np.asarray(data[rr[j], cc[j]]))
+            titles.append(f"{name} ({rr[j]}, {cc[j]})")
+    return np.stack(pats), titles
+
+
+def training_vs_test_disorientation(maps: dict[str, SynthMap]) -> dict[str, np.ndarray]:
+    """Per phase: each test region's smallest disorientation (deg) to any training region."""
+    train = region_orientations([maps["train1"], maps["train2"]])
+    test = region_orientations([maps["test"]])
+    return {p: min_disorientation(test[p], train[p], p) for p in PHASES if len(test[p])}
 
 
 def _cli_synth_map(parser):

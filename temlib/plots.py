@@ -1,0 +1,156 @@
+"""Figures shared by the notebooks: phase and IPF maps, virtual images, pattern galleries.
+
+Every function returns the matplotlib ``Figure`` (or draws into given axes) and
+never calls ``plt.show()``, so notebooks embed them and scripts save them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def phase_rgb(xmap) -> np.ndarray:
+    """(rows, cols, 3) RGB image of the phases of an orix ``CrystalMap`` (not-indexed black)."""
+    from matplotlib.colors import to_rgb
+
+    rgb = np.zeros((xmap.size, 3))
+    for pid, phase in xmap.phases:
+        m = xmap.phase_id == pid
+        if pid >= 0:
+            rgb[m] = to_rgb(phase.color)
+    return rgb.reshape(*xmap.shape, 3)
+
+
+def ipf_rgb(xmap, direction=(0, 0, 1)) -> np.ndarray:
+    """(rows, cols, 3) inverse-pole-figure colours of each pixel's orientation along ``direction``.
+
+    Each phase is coloured with the IPF key of its own point group (orix ``IPFColorKeyTSL``);
+    ``direction`` is a sample direction (default the beam, z).
+    """
+    from orix.plot import IPFColorKeyTSL
+    from orix.quaternion import Orientation
+    from orix.vector import Vector3d
+
+    rgb = np.zeros((xmap.size, 3))
+    for pid, phase in xmap.phases:
+        if pid < 0:
+            continue
+        m = xmap.phase_id == pid
+        if not m.any():
+            continue
+        key = IPFColorKeyTSL(phase.point_group, direction=Vector3d(direction))
+        o = Orientation(xmap.rotations[m], symmetry=phase.point_group)
+        rgb[m] = key.orientation2color(o)
+    return rgb.reshape(*xmap.shape, 3)
+
+
+def phase_ipf_figure(xmaps: dict, direction=(0, 0, 1), title: str = ""):
+    """Phase map (top) and IPF-z map (bottom) for each named ``CrystalMap``, side by side."""
+    from matplotlib.patches import Patch
+
+    plt = _plt()
+    n = len(xmaps)
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n, 7.2), squeeze=False)
+    for k, (name, xm) in enumerate(xmaps.items()):
+        axes[0, k].imshow(phase_rgb(xm), interpolation="nearest")
+        axes[0, k].set_title(f"{name}: phases")
+        axes[1, k].imshow(ipf_rgb(xm, direction), interpolation="nearest")
+        axes[1, k].set_title(f"{name}: IPF-Z")
+        for ax in axes[:, k]:
+            ax.set_axis_off()
+    seen = {}
+    for xm in xmaps.values():
+        seen.update({ph.name: ph.color for pid, ph in xm.phases if pid >= 0})
+    handles = [Patch(color=c, label=n) for n, c in seen.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def ipf_key_figure(phases):
+    """The IPF colour keys (beam direction) of ``phases`` (orix Phase objects), one panel each."""
+    import orix.plot  # noqa: F401  (registers the "ipf" projection)
+
+    plt = _plt()
+    fig = plt.figure(figsize=(3.2 * len(phases), 3))
+    for k, ph in enumerate(phases):
+        ax = fig.add_subplot(1, len(phases), k + 1, projection="ipf", symmetry=ph.point_group)
+        ax.plot_ipf_color_key()
+        ax.set_title(f"{ph.name} ({ph.point_group.name})", pad=20)
+    fig.tight_layout()
+    return fig
+
+
+def virtual_images(signal, inner: float = 4.0, outer: tuple[float, float] = (10.0, 60.0)):
+    """Virtual bright-field and annular dark-field images of a (lazy) 4D map.
+
+    Parameters
+    ----------
+    signal
+        (rows, cols | ky, kx) signal from :func:`temlib.io.load_map`.
+    inner
+        Bright-field disk radius (px) about the direct beam.
+    outer
+        Dark-field annulus (inner, outer) radii (px).
+
+    Returns
+    -------
+    (vbf, vdf) two (rows, cols) float arrays.
+    """
+    data = signal.data
+    h, w, ky, kx = data.shape
+    rr, cc = np.mgrid[0:ky, 0:kx]
+    d2 = (rr - ky / 2) ** 2 + (cc - kx / 2) ** 2  # about the pattern middle (the beam drifts a few px)
+    bf = (d2 <= inner**2).astype(np.float32)
+    df = ((d2 >= outer[0] ** 2) & (d2 <= outer[1] ** 2)).astype(np.float32)
+    vbf = np.tensordot(data, bf, axes=([2, 3], [0, 1]))
+    vdf = np.tensordot(data, df, axes=([2, 3], [0, 1]))
+    if hasattr(vbf, "compute"):
+        import dask
+
+        vbf, vdf = dask.compute(vbf, vdf)
+    return np.asarray(vbf, float), np.asarray(vdf, float)
+
+
+def virtual_figure(signal, title: str = ""):
+    """Virtual bright-field and dark-field images side by side."""
+    plt = _plt()
+    vbf, vdf = virtual_images(signal)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    for ax, img, name in zip(axes, (vbf, vdf), ("virtual bright field", "virtual annular dark field"), strict=True):
+        ax.imshow(img, cmap="gray")
+        ax.set_title(name)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def gallery(patterns, titles=None, ncols: int = 6, gamma: float = 0.5, size: float = 2.2, suptitle: str = ""):
+    """Grid of diffraction patterns shown with an intensity gamma (spots and halo both visible)."""
+    plt = _plt()
+    patterns = np.asarray(patterns, dtype=float)
+    n = len(patterns)
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for k in range(n):
+        ax = axes.ravel()[k]
+        p = np.clip(patterns[k], 0, None)
+        ax.imshow(p**gamma, cmap="inferno", interpolation="nearest")
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
