@@ -168,8 +168,10 @@ def polyhedron_vertices(normals: np.ndarray, distances: np.ndarray) -> np.ndarra
     det = np.linalg.det(a)
     ok = np.abs(det) > 1e-9
     p = np.linalg.solve(a[ok], distances[idx[ok]][..., None])[..., 0]
-    inside = np.all(p @ normals.T <= distances + 1e-7 * max(1.0, distances.max()), axis=1)
-    return p[inside]
+    tol = 1e-7 * max(1.0, distances.max())
+    p = p[np.all(p @ normals.T <= distances + tol, axis=1)]
+    _, first = np.unique(np.round(p / (1e3 * tol)), axis=0, return_index=True)
+    return p[np.sort(first)]
 
 
 def polyhedron_volume(vertices: np.ndarray) -> float:
@@ -522,6 +524,25 @@ def fringe_position(
     p = profile[zone]
     i = int(np.argmin(p) if df_nm < 0 else np.argmax(p))
     return float(x_nm[zone][i] - radius_nm), float(p[i] - 1)
+
+
+def fringe_width(x_nm: np.ndarray, profile: np.ndarray, radius_nm: float, df_nm: float) -> float:
+    """Full width at half depth (nm) of the first Fresnel fringe of a :func:`line_profile`.
+
+    Around the fringe found by :func:`fringe_position`, the width of the region where
+    ``|I - 1|`` stays above half the fringe's contrast. Scales like ``sqrt(lambda |df|)``.
+    """
+    dist, c = fringe_position(x_nm, profile, radius_nm, df_nm)
+    i = int(np.argmin(np.abs(x_nm - (radius_nm + dist))))
+    dev = (profile - 1) * np.sign(c)
+    lo = i
+    while lo > 0 and dev[lo - 1] > abs(c) / 2:
+        lo -= 1
+    hi = i
+    while hi < len(dev) - 1 and dev[hi + 1] > abs(c) / 2:
+        hi += 1
+    step = float(x_nm[1] - x_nm[0])
+    return float(x_nm[hi] - x_nm[lo]) + step
 
 
 # --------------------------------------------------------------------------- backgrounds

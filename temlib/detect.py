@@ -634,7 +634,7 @@ class Detector:
         image_or_batch,
         conf: float = 0.25,
         iou: float = 0.5,
-        tile: int | None = None,
+        tile: int | str | None = None,
         overlap: float = 0.25,
         batch: int = 8,
     ) -> list[np.ndarray]:
@@ -652,6 +652,7 @@ class Detector:
             model's ``imgsz``). Tiles overlap by ``overlap`` of their size; boxes cut by an
             inner tile edge are dropped (they appear whole in a neighbour) and the rest
             merged with NMS. Use it for small defects in frames much larger than ``imgsz``.
+            ``"auto"``: tiles of ``imgsz`` when a frame is over 1.5 ``imgsz``, else whole.
         overlap
             Fraction of a tile shared with its neighbour, ``0 <= overlap < 0.9``.
         batch
@@ -665,11 +666,14 @@ class Detector:
         """
         if not 0 < conf < 1:
             raise ValueError(f"conf {conf!r} is out of range; expected 0 < conf < 1")
-        if tile is not None and tile < 32:
+        if tile is not None and tile != "auto" and (not isinstance(tile, int) or tile < 32):
             raise ValueError(f"tile {tile!r} is too small; expected at least 32 px or None")
         if not 0 <= overlap < 0.9:
             raise ValueError(f"overlap {overlap!r} is out of range; expected 0 <= overlap < 0.9")
         frames = _as_frames(image_or_batch)
+        if tile == "auto":
+            big = max(max(f.shape) for f in frames) > 1.5 * self.imgsz
+            tile = self.imgsz if big else None
         if tile is None:
             return self._run(frames, conf, iou, batch)
         results = []
@@ -773,6 +777,77 @@ def load_detector(name_or_path: str | Path = "cavity", prefer_exported: bool = T
     return Detector(p, metadata)
 
 
+def evaluate(
+    preds: list[np.ndarray],
+    truths: list[np.ndarray],
+    nm_per_px: list[float] | None = None,
+    thickness_nm: list[float] | None = None,
+    image_shapes: list[tuple[int, int]] | None = None,
+    iou_thresholds: tuple[float, ...] = (0.5, 0.1),
+) -> dict:
+    """Score detections of a set of images: F1 per IoU, diameter and swelling errors.
+
+    Parameters
+    ----------
+    preds
+        Per image, predictions ``(K, 6)``.
+    truths
+        Per image, labels ``(L, 5)`` (or any box format of this module).
+    nm_per_px, thickness_nm, image_shapes
+        Per image calibration, foil thickness (nm) and ``(M, N)``, for the swelling error.
+    iou_thresholds
+        Thresholds at which precision, recall and F1 are pooled over all images.
+
+    Returns
+    -------
+    dict
+        ``precision@t``, ``recall@t``, ``f1@t``, ``tp@t``, ``fp@t``, ``fn@t`` per threshold;
+        ``diameter_error`` (mean ``|d_pred - d_true| / d_true`` over pairs matched at the
+        first threshold; diameter = mean box side) and ``diameter_bias`` (signed mean);
+        with calibrations, ``swelling_error`` (mean absolute difference of swelling %,
+        spheres of those diameters) and per-image ``swelling_pred``, ``swelling_true``.
+    """
+    if len(preds) != len(truths):
+        raise ValueError(
+            f"Got {len(preds)} prediction sets for {len(truths)} images; expected one per image"
+        )
+    out: dict = {}
+    for t in iou_thresholds:
+        tp = fp = fn = 0
+        for p, g in zip(preds, truths, strict=True):
+            m = match(p, g, t)
+            tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+        prec = tp / (tp + fp) if tp + fp else 1.0
+        rec = tp / (tp + fn) if tp + fn else 1.0
+        out[f"precision@{t}"], out[f"recall@{t}"] = prec, rec
+        out[f"f1@{t}"] = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        out[f"tp@{t}"], out[f"fp@{t}"], out[f"fn@{t}"] = tp, fp, fn
+    rel = []
+    for p, g in zip(preds, truths, strict=True):
+        m = match(p, g, iou_thresholds[0])
+        if len(m["matches"]):
+            bp, bg = _xyxy(p)[m["matches"][:, 0]], _xyxy(g)[m["matches"][:, 1]]
+            dp = (bp[:, 2] - bp[:, 0] + bp[:, 3] - bp[:, 1]) / 2
+            dg = (bg[:, 2] - bg[:, 0] + bg[:, 3] - bg[:, 1]) / 2
+            rel.append((dp - dg) / dg)
+    rel = np.concatenate(rel) if rel else np.zeros(0)
+    out["diameter_error"] = float(np.mean(np.abs(rel))) if len(rel) else float("nan")
+    out["diameter_bias"] = float(np.mean(rel)) if len(rel) else float("nan")
+    if nm_per_px is not None and thickness_nm is not None and image_shapes is not None:
+        sp, st = [], []
+        for p, g, px, t, shp in zip(
+            preds, truths, nm_per_px, thickness_nm, image_shapes, strict=True
+        ):
+            area = shp[0] * shp[1] * px**2
+            for boxes, acc in ((p, sp), (g, st)):
+                b = _xyxy(boxes)
+                d = (b[:, 2] - b[:, 0] + b[:, 3] - b[:, 1]) / 2 * px
+                acc.append(_swelling_percent(d, area, t))
+        out["swelling_pred"], out["swelling_true"] = np.array(sp), np.array(st)
+        out["swelling_error"] = float(np.mean(np.abs(out["swelling_pred"] - out["swelling_true"])))
+    return out
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -790,7 +865,7 @@ def detect_folder(
     thickness_nm: float | None = None,
     conf: float = 0.25,
     iou: float = 0.5,
-    tile: int | None = None,
+    tile: int | str | None = "auto",
     progress: bool = True,
 ) -> dict:
     """Detect defects in every image of a folder; write YOLO txt files and tables.
@@ -921,12 +996,17 @@ def _cli_detect(parser):
     parser.add_argument("--iou", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
     parser.add_argument(
         "--tile",
-        type=int,
-        default=None,
-        help="tile size in px for large frames (default: whole frame)",
+        default="auto",
+        help="tile size in px, 'auto' (model size when a frame is over 1.5x it; default) or 'none'",
     )
 
     def run(args) -> int:
+        tile = args.tile.lower()
+        if tile not in ("auto", "none") and not tile.isdigit():
+            raise ValueError(
+                f"--tile {args.tile!r} is not valid; expected a size in px, 'auto' or 'none'"
+            )
+        tile = None if tile == "none" else (tile if tile == "auto" else int(tile))
         res = detect_folder(
             args.images_dir,
             args.out,
@@ -935,7 +1015,7 @@ def _cli_detect(parser):
             thickness_nm=args.thickness_nm,
             conf=args.conf,
             iou=args.iou,
-            tile=args.tile,
+            tile=tile,
         )
         print(
             f"{res['n_detections']} detections in {res['n_images']} images (model {res['model']}); "

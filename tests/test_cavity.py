@@ -1,0 +1,242 @@
+"""Tests of temlib.cavity: planted cavities give the physics' contrast, labels match drawings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from temlib import cavity as cv
+from temlib import cli, detect
+
+
+@pytest.mark.parametrize("radius", [4.0, 10.0])
+def test_underfocus_bright_centre_dark_fringe(radius):
+    df = -1000.0
+    x, p = cv.line_profile(radius, df, px_nm=0.25, optics=cv.Optics(psf_px=0.0, alpha_mrad=0.1))
+    inside = np.abs(x) < 0.5 * radius
+    assert p[inside].mean() > 1.02  # bright interior
+    dist, contrast = cv.fringe_position(x, p, radius, df)
+    assert contrast < -0.1  # a dark fringe ...
+    assert (
+        -0.3 < dist < np.sqrt(cv.WAVELENGTH_NM * abs(df))
+    )  # ... at the edge, within sqrt(lambda |df|)
+    assert np.allclose(
+        p[np.abs(x) > radius + 8 * np.sqrt(cv.WAVELENGTH_NM * abs(df))], 1, atol=0.02
+    )
+
+
+def test_overfocus_reverses_the_fringe():
+    radius, df = 6.0, 1000.0
+    x, p = cv.line_profile(radius, df, px_nm=0.25, optics=cv.Optics(psf_px=0.0, absorption_nm=1e9))
+    dist, contrast = cv.fringe_position(x, p, radius, df)
+    assert contrast > 0.1 and -0.3 < dist < np.sqrt(cv.WAVELENGTH_NM * df)
+    xu, pu = cv.line_profile(
+        radius, -df, px_nm=0.25, optics=cv.Optics(psf_px=0.0, absorption_nm=1e9)
+    )
+    centre = np.abs(x) < 0.3 * radius
+    assert p[centre].mean() < pu[centre].mean()  # darker centre over focus than under focus
+
+
+def test_fringe_width_scales_with_sqrt_lambda_df():
+    radius = 8.0
+    w = {}
+    for df in (-300.0, -3000.0):
+        x, p = cv.line_profile(radius, df, px_nm=0.1, optics=cv.Optics(psf_px=0.0))
+        w[df] = cv.fringe_width(x, p, radius, df)
+        assert 0.2 < w[df] / np.sqrt(cv.WAVELENGTH_NM * abs(df)) < 2.0
+    assert w[-3000.0] > 1.5 * w[-300.0]  # sqrt(10) = 3.2 expected, broadened by coherence
+
+
+def test_in_focus_pure_phase_object_is_nearly_invisible():
+    opt = cv.Optics(psf_px=0.0, absorption_nm=1e9)
+    _, p0 = cv.line_profile(5.0, 1e-3, px_nm=0.25, optics=opt)
+    _, p1 = cv.line_profile(5.0, -1000.0, px_nm=0.25, optics=opt)
+    assert np.abs(p0 - 1).max() < 0.2 * np.abs(p1 - 1).max()
+
+
+def test_polyhedron_geometry():
+    n, d = cv.faceted_planes(1.0, np.sqrt(3), np.eye(3))  # plain octahedron, vertices at sqrt(3)
+    v = cv.polyhedron_vertices(n, d)
+    assert len(v) == 6 and np.allclose(np.abs(v).max(), np.sqrt(3))
+    assert cv.polyhedron_volume(v) == pytest.approx(4 / 3 * np.sqrt(3) ** 3, rel=1e-6)
+    # chord through the centre along z of the octahedron = 2 sqrt(3)
+    t = cv.chord_polyhedron(np.zeros((1, 1)), np.zeros((1, 1)), n, d)
+    assert t[0, 0] == pytest.approx(2 * np.sqrt(3))
+
+
+def test_labels_match_what_was_drawn(rng):
+    cfg = cv.GeneratorConfig(
+        size=256, count=(8, 8), edge_fraction=0.0, faceted_fraction=0.5, min_contrast=0.0
+    )
+    res = cv.generate_image(rng, cfg, nm_per_px=0.5, optics=cv.Optics(df_nm=-800))
+    boxes, masks = res["boxes"], res["masks"]
+    assert len(boxes) == 8 and res["image"].dtype == np.uint8 and res["image"].shape == (256, 256)
+    for row in res["cavities"]:
+        ys, xs = np.nonzero(masks == row["instance"])
+        # the box is the cavity's own outline (not its fringe): the mask fills it to a pixel
+        assert xs.min() >= np.floor(row["x1"]) - 1 and xs.max() <= np.ceil(row["x2"])
+        assert ys.min() >= np.floor(row["y1"]) - 1 and ys.max() <= np.ceil(row["y2"])
+        assert xs.max() - xs.min() + 1 == pytest.approx(row["x2"] - row["x1"], abs=2)
+        assert row["diameter_nm"] == pytest.approx(row["diameter_px"] * 0.5)
+    m = res["meta"]
+    d = np.array([r["diameter_nm"] for r in res["cavities"]])
+    v = np.pi * d**3 / 6
+    expect = 100 * v.sum() / (256 * 256 * 0.25 * m["thickness_nm"] - v.sum())
+    assert m["swelling_percent"] == pytest.approx(expect)
+
+
+def test_generate_is_deterministic_and_edge_cut(rng):
+    cfg = cv.GeneratorConfig(size=128, count=(6, 6), edge_fraction=1.0)
+    a, b = cv.generate_image(3, cfg), cv.generate_image(3, cfg)
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["boxes"], b["boxes"])
+    assert any(r["edge_cut"] for r in a["cavities"])
+    assert np.all(a["boxes"][:, 1:] >= 0) and np.all(a["boxes"][:, [1, 3]] <= 128)
+
+
+def test_swelling_formula():
+    assert cv.swelling_percent([10.0], 100.0 * 100.0, 100.0) == pytest.approx(
+        100 * (np.pi * 1000 / 6) / (1e6 - np.pi * 1000 / 6)
+    )
+    with pytest.raises(ValueError, match="must be positive"):
+        cv.swelling_percent([1.0], 0.0, 10.0)
+
+
+def test_generate_dataset_and_backgrounds(tmp_path, rng):
+    # a "real" background with one labelled real cavity; fraction 0.5 -> one simulated cavity
+    from PIL import Image
+
+    bgdir = tmp_path / "bg"
+    bgdir.mkdir()
+    Image.fromarray(rng.integers(90, 110, (160, 160), dtype=np.uint8)).save(bgdir / "a.png")
+    detect.write_yolo_txt(
+        bgdir / "a.txt", np.array([[0, 40, 40, 60, 60]]), (160, 160), with_conf=False
+    )
+    cfg = cv.GeneratorConfig(
+        size=128, d_median_nm_range=(12, 12), nm_per_px=(0.5, 0.5), min_contrast=0.0
+    )
+    out = cv.generate_dataset(
+        3, tmp_path / "gen", cfg, backgrounds=bgdir, fraction=0.5, rng=7, progress=False
+    )
+    imgs, labs, meta = cv.load_dataset(out)
+    assert len(imgs) == 3 and imgs[0].shape == (128, 128)
+    assert all(m["n_real"] <= 1 and m["background"] == "real" for m in meta)
+    coco = json.loads((out / "coco.json").read_text())
+    assert len(coco["annotations"]) == sum(len(b) for b in labs)
+    again = cv.generate_dataset(
+        3, tmp_path / "gen2", cfg, backgrounds=bgdir, fraction=0.5, rng=7, progress=False, workers=2
+    )
+    assert [p.read_bytes() for p in sorted((out / "images").glob("*.png"))] == [
+        p.read_bytes() for p in sorted((again / "images").glob("*.png"))
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(nm_per_px=(1.0, 0.5)), "reversed"),
+        (dict(faceted_fraction=1.5), "faceted_fraction 1.5"),
+        (dict(size=8), "too small"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cv.GeneratorConfig(**kwargs)
+
+
+def test_cli_generate(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert (
+        cli.main(
+            ["cavity", "generate", "--n", "2", "--out", str(out), "--size", "96", "--workers", "1"]
+        )
+        == 0
+    )
+    assert len(list((out / "labels").glob("*.txt"))) == 2 and (out / "cavities.csv").is_file()
+    assert cli.main(["cavity", "generate", "--n", "0", "--out", str(out)]) == 2
+    assert "at least 1" in capsys.readouterr().err
+    assert (
+        cli.main(
+            [
+                "cavity",
+                "generate",
+                "--n",
+                "1",
+                "--out",
+                str(out),
+                "--backgrounds",
+                str(tmp_path / "none"),
+            ]
+        )
+        == 2
+    )
+    assert "No folder" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(tmp_path_factory):
+    """A tiny YOLO trained for a few epochs on large, high-contrast synthetic cavities."""
+    root = tmp_path_factory.mktemp("tinydet")
+    cfg = cv.GeneratorConfig(
+        size=128,
+        count=(2, 3),
+        nm_per_px=(1.0, 1.0),
+        d_median_nm_range=(30, 30),
+        d_sigma=0.1,
+        d_range_nm=(24, 40),
+        df_nm=(-2500, -2000),
+        fringe_px=None,
+        overfocus_fraction=0.0,
+        absorption_nm=(40, 40),
+        noise=(0.02, 0.02),
+        edge_fraction=0.0,
+        max_overlap=0.0,
+    )
+    cv.generate_dataset(48, root / "gen", cfg, rng=1, progress=False)
+    imgs, labs, _ = cv.load_dataset(root / "gen")
+    y = detect.write_yolo_dataset(imgs, labs, root / "ds", val_fraction=0.2, rng=0)
+    w = detect.train(y, root / "model", imgsz=128, epochs=12, batch=8, mosaic=0.0, workers=0)
+    return w, cfg, root
+
+
+def test_detector_finds_large_cavities(tiny_detector, tmp_path):
+    w, cfg, root = tiny_detector
+    test = [cv.generate_image(100 + i, cfg) for i in range(6)]
+    det = detect.load_detector(w)
+    preds = det.predict([t["image"] for t in test], conf=0.2)
+    ev = detect.evaluate(preds, [t["boxes"] for t in test], iou_thresholds=(0.3,))
+    assert ev["recall@0.3"] >= 0.6, ev
+
+
+def test_cli_detect_writes_tables(tiny_detector, tmp_path):
+    from PIL import Image
+
+    w, cfg, root = tiny_detector
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    res = cv.generate_image(200, cfg)
+    Image.fromarray(res["image"]).save(imgs / "one.png")
+    Image.fromarray(res["image"].astype(np.uint16) * 250).save(imgs / "two16.png")  # 16 bit
+    Image.fromarray(np.dstack([res["image"]] * 3)).save(imgs / "three_rgb.png")
+    out = tmp_path / "pred"
+    args = [
+        "detect",
+        str(imgs),
+        "--model",
+        str(w),
+        "--out",
+        str(out),
+        "--nm-per-px",
+        "1.0",
+        "--thickness-nm",
+        "100",
+    ]
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in out.glob("*.txt")) == ["one.txt", "three_rgb.txt", "two16.txt"]
+    rows = (out / "images.csv").read_text().splitlines()
+    assert rows[0].startswith("image,") and len(rows) == 4 and "swelling_percent" in rows[0]
+    lines = (out / "one.txt").read_text().splitlines()
+    assert all(len(ln.split()) == 6 for ln in lines)
+    (imgs / "broken.png").write_bytes(b"not a png")
+    assert cli.main(args) == 2
