@@ -18,20 +18,43 @@ import sys
 
 # command -> (module, one-line help). Add a line here to add a command.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth-map": ("temlib.synth", "generate a synthetic steel scanned-diffraction map with its ground truth"),
+    "synth-map": (
+        "temlib.synth",
+        "generate a synthetic steel scanned-diffraction map with its ground truth",
+    ),
     "info": ("temlib.io", "describe a 4D map: shape, calibration, beam energy, phases if labelled"),
-    "cavity": ("temlib.cavity", "physics-based synthetic BF-TEM cavity images with labels: cavity generate --n N --out DIR"),
-    "detect": ("temlib.detect", "detect defects (cavities, loops) in a folder of images with a trained YOLO model"),
-    "track": ("temlib.track", "detect and track defects in an in-situ video or folder of frames (--watch: live)"),
+    "cavity": (
+        "temlib.cavity",
+        "physics-based synthetic BF-TEM cavity images with labels: cavity generate --n N --out DIR",
+    ),
+    "detect": (
+        "temlib.detect",
+        "detect defects (cavities, loops) in a folder of images with a trained YOLO model",
+    ),
+    "track": (
+        "temlib.track",
+        "detect and track defects in an in-situ video or folder of frames (--watch: live)",
+    ),
     "reports": ("temlib.reports", "execute notebooks with papermill and render HTML reports"),
 }
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
-    lines = ["usage: temlib COMMAND [options]   (temlib COMMAND -h for a command's options)", "", "commands:"]
+    lines = [
+        "usage: temlib COMMAND [options]   (temlib COMMAND -h for a command's options)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {c:<{width}}  {h}" for c, (_, h) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -48,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd = argv[0]
     if cmd not in COMMANDS:
-        print(f"temlib: error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"temlib: error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     module_name, help_text = COMMANDS[cmd]
     parser = argparse.ArgumentParser(prog=f"temlib {cmd}", description=help_text)
@@ -60,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("TEMLIB_DEBUG"):
             raise
-        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        msg = (
+            str(e)
+            if not isinstance(e, OSError) or not e.filename
+            else f"{e.strerror}: {e.filename}"
+        )
         print(f"temlib {cmd}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

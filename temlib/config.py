@@ -32,7 +32,9 @@ def _read_yaml(path) -> dict:
     except yaml.YAMLError as e:
         raise ValueError(f"Parameter file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"Parameter file {path} must hold a mapping of key: value, not {type(data).__name__}")
+        raise ValueError(
+            f"Parameter file {path} must hold a mapping of key: value, not {type(data).__name__}"
+        )
     return data
 
 

@@ -30,7 +30,9 @@ _ROCKSALT_B = [(0.5, 0.5, 0.5), (0, 0, 0.5), (0, 0.5, 0), (0.5, 0, 0)]
 
 
 def _cubic(a: float, atoms: list[tuple[str, tuple]]) -> Structure:
-    return Structure(lattice=Lattice(a, a, a, 90, 90, 90), atoms=[Atom(el, xyz) for el, xyz in atoms])
+    return Structure(
+        lattice=Lattice(a, a, a, 90, 90, 90), atoms=[Atom(el, xyz) for el, xyz in atoms]
+    )
 
 
 def _ferrite() -> Phase:

@@ -17,7 +17,6 @@ without an override give one clear error.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -29,7 +28,17 @@ log = logging.getLogger(__name__)
 
 READABLE = (".hspy", ".hdf5", ".h5", ".zspy", ".blo", ".mib", ".npy")
 LABEL_FORMATS = (".ang", ".h5", ".ctf")
-SUPPORTED_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "int64", "float32", "float64")
+SUPPORTED_DTYPES = (
+    "uint8",
+    "uint16",
+    "uint32",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "float32",
+    "float64",
+)
 DEFAULT_KV = 200.0
 
 
@@ -46,7 +55,9 @@ def _check_path(path: str | Path) -> Path:
         path = path / "patterns.zspy"
     suffix = path.suffix.lower()
     if suffix not in READABLE:
-        raise ValueError(f"Cannot read {path.name}: unknown format {suffix or '(none)'}; expected one of {', '.join(READABLE)}")
+        raise ValueError(
+            f"Cannot read {path.name}: unknown format {suffix or '(none)'}; expected one of {', '.join(READABLE)}"
+        )
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"Cannot read {path}: the file is empty (0 bytes)")
     return path
@@ -58,7 +69,9 @@ def _hs_load(path: Path, lazy: bool):
     try:
         s = hs.load(path, lazy=lazy)
     except Exception as e:  # rosettasciio raises many kinds on corrupt data
-        raise ValueError(f"Cannot read {path}: it looks truncated or corrupt ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"Cannot read {path}: it looks truncated or corrupt ({type(e).__name__}: {e})"
+        ) from None
     if isinstance(s, list):
         s = max(s, key=lambda x: x.data.ndim)
     return s
@@ -71,7 +84,9 @@ def _validate(data, path: Path) -> None:
             "expected a 4D scan (rows, cols, ky, kx)"
         )
     if str(data.dtype) not in SUPPORTED_DTYPES:
-        raise ValueError(f"Map {path.name} has dtype {data.dtype}; expected one of {', '.join(SUPPORTED_DTYPES)}")
+        raise ValueError(
+            f"Map {path.name} has dtype {data.dtype}; expected one of {', '.join(SUPPORTED_DTYPES)}"
+        )
     if min(data.shape) < 1:
         raise ValueError(f"Map {path.name} is empty (shape {tuple(data.shape)})")
 
@@ -80,7 +95,9 @@ def check_finite(chunk: np.ndarray, where: str = "map") -> None:
     """Raise if ``chunk`` holds NaN or infinity (one clear error)."""
     if np.issubdtype(chunk.dtype, np.floating) and not np.isfinite(chunk).all():
         bad = int((~np.isfinite(chunk)).sum())
-        raise ValueError(f"The {where} holds {bad} NaN or infinite values; expected finite intensities (mask or fill them first)")
+        raise ValueError(
+            f"The {where} holds {bad} NaN or infinite values; expected finite intensities (mask or fill them first)"
+        )
 
 
 def _to_pyxem(s):
@@ -121,14 +138,20 @@ def load_map(
 
     path = _check_path(path)
     if calibration is not None and not calibration > 0:
-        raise ValueError(f"Calibration {calibration!r} is not positive; expected 1/Å per pixel, e.g. 0.02")
+        raise ValueError(
+            f"Calibration {calibration!r} is not positive; expected 1/Å per pixel, e.g. 0.02"
+        )
     if path.suffix.lower() == ".npy":
         if calibration is None:
-            raise ValueError(f"{path.name} carries no calibration; pass calibration= (1/Å per px) for .npy maps")
+            raise ValueError(
+                f"{path.name} carries no calibration; pass calibration= (1/Å per px) for .npy maps"
+            )
         try:
             arr = np.load(path, mmap_mode="r")
         except Exception as e:
-            raise ValueError(f"Cannot read {path}: it looks truncated or corrupt ({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"Cannot read {path}: it looks truncated or corrupt ({type(e).__name__}: {e})"
+            ) from None
         _validate(arr, path)
         if lazy:
             import dask.array as da
@@ -143,7 +166,11 @@ def load_map(
     kx, ky = s.axes_manager.signal_axes
     if calibration is None:
         units = str(kx.units)
-        if not units or units == "<undefined>" or (kx.scale == 1.0 and "1/" not in units and "Å" not in units):
+        if (
+            not units
+            or units == "<undefined>"
+            or (kx.scale == 1.0 and "1/" not in units and "Å" not in units)
+        ):
             raise ValueError(
                 f"{path.name} has no reciprocal calibration (signal axis scale {kx.scale}, units {units!r}); "
                 "pass calibration= (1/Å per px)"
@@ -173,7 +200,9 @@ def _to_inverse_angstrom(scale: float, units: str, path: Path) -> float:
         return float(scale)
     if u in ("1/nm", "nm^-1"):
         return float(scale) / 10.0
-    raise ValueError(f"{path.name} has signal axis units {units!r}; expected 1/Å or 1/nm (or pass calibration=)")
+    raise ValueError(
+        f"{path.name} has signal axis units {units!r}; expected 1/Å or 1/nm (or pass calibration=)"
+    )
 
 
 def calibration_of(signal) -> float:
@@ -186,7 +215,9 @@ def beam_energy(signal) -> float:
     return float(signal.metadata.get_item("Acquisition_instrument.TEM.beam_energy", DEFAULT_KV))
 
 
-def iter_chunks(signal, chunk: int = 32, show_progressbar: bool = True, desc: str = "patterns") -> Iterator[tuple[tuple[slice, slice], np.ndarray]]:
+def iter_chunks(
+    signal, chunk: int = 32, show_progressbar: bool = True, desc: str = "patterns"
+) -> Iterator[tuple[tuple[slice, slice], np.ndarray]]:
     """Yield ``((row_slice, col_slice), patterns)`` blocks of a (lazy) map, in scan order.
 
     ``patterns`` is a (r, c, ky, kx) numpy array; non-finite values raise. Only one
@@ -196,7 +227,11 @@ def iter_chunks(signal, chunk: int = 32, show_progressbar: bool = True, desc: st
 
     data = signal.data
     h, w = data.shape[:2]
-    blocks = [(slice(r, min(r + chunk, h)), slice(c, min(c + chunk, w))) for r in range(0, h, chunk) for c in range(0, w, chunk)]
+    blocks = [
+        (slice(r, min(r + chunk, h)), slice(c, min(c + chunk, w)))
+        for r in range(0, h, chunk)
+        for c in range(0, w, chunk)
+    ]
     for rs, cs in tqdm(blocks, desc=desc, unit="block", disable=not show_progressbar):
         block = data[rs, cs]
         block = block.compute() if hasattr(block, "compute") else np.asarray(block)
@@ -210,7 +245,9 @@ def sample_patterns(signal, n: int = 6, rng=None) -> tuple[np.ndarray, list[str]
     h, w = signal.data.shape[:2]
     flat = rng.choice(h * w, size=min(n, h * w), replace=False)
     rr, cc = np.unravel_index(np.sort(flat), (h, w))
-    pats = np.stack([np.asarray(signal.data[r, c]) for r, c in zip(rr, cc, strict=True)]).astype(np.float32)
+    pats = np.stack([np.asarray(signal.data[r, c]) for r, c in zip(rr, cc, strict=True)]).astype(
+        np.float32
+    )
     check_finite(pats, "map")
     return pats, [f"({r}, {c})" for r, c in zip(rr, cc, strict=True)]
 
@@ -223,10 +260,11 @@ def sample_patterns(signal, n: int = 6, rng=None) -> tuple[np.ndarray, list[str]
 def find_direct_beam(patterns: np.ndarray, radius: float | None = None) -> np.ndarray:
     """Direct-beam centre (row, col) in px of each pattern, sub-pixel.
 
-    The direct beam is the brightest feature near the middle of a spot pattern (it is
-    often saturated). We blur, take the brightest pixel within ``radius`` of the
-    middle, and refine with the intensity centroid of the pixels above half its height
-    in a small window.
+    The direct beam is the strongest feature near the middle of a spot pattern: often
+    saturated, and wider than Bragg spots that may saturate too, with a halo. We blur
+    with a Gaussian of 3 px (so that integrated intensity, not peak height, counts),
+    take the maximum within ``radius`` of the middle, and refine with the intensity
+    centroid of the pixels above half its height in a small window.
 
     Parameters
     ----------
@@ -242,7 +280,7 @@ def find_direct_beam(patterns: np.ndarray, radius: float | None = None) -> np.nd
     ky, kx = p.shape[-2:]
     p = p.reshape(-1, ky, kx)
     radius = min(ky, kx) / 4 if radius is None else radius
-    sm = ndimage.uniform_filter(p, size=(1, 3, 3))
+    sm = ndimage.gaussian_filter(p, sigma=(0, 3, 3))
     rr, cc = np.mgrid[0:ky, 0:kx]
     mask = (rr - ky / 2) ** 2 + (cc - kx / 2) ** 2 <= radius**2
     sm = np.where(mask, sm, -np.inf)
@@ -327,19 +365,32 @@ def load_labels(path: str | Path, nav_shape: tuple[int, int] | None = None):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No label file at {path}; expected one of {', '.join(LABEL_FORMATS)}")
+        raise FileNotFoundError(
+            f"No label file at {path}; expected one of {', '.join(LABEL_FORMATS)}"
+        )
     if path.suffix.lower() not in LABEL_FORMATS:
-        raise ValueError(f"Cannot read labels from {path.name}; expected one of {', '.join(LABEL_FORMATS)}")
+        raise ValueError(
+            f"Cannot read labels from {path.name}; expected one of {', '.join(LABEL_FORMATS)}"
+        )
     try:
         xmap = oio.load(path)
     except Exception as e:
         raise ValueError(f"Cannot read labels {path}: {type(e).__name__}: {e}") from None
     if nav_shape is not None and tuple(xmap.shape) != tuple(nav_shape):
-        raise ValueError(f"Labels {path.name} cover a {xmap.shape} scan; the map is {tuple(nav_shape)}")
+        raise ValueError(
+            f"Labels {path.name} cover a {xmap.shape} scan; the map is {tuple(nav_shape)}"
+        )
     return xmap
 
 
-def save_map(path: str | Path, data, calibration: float, kv: float = DEFAULT_KV, step_nm: float = 1.0, overwrite: bool = False) -> Path:
+def save_map(
+    path: str | Path,
+    data,
+    calibration: float,
+    kv: float = DEFAULT_KV,
+    step_nm: float = 1.0,
+    overwrite: bool = False,
+) -> Path:
     """Write a 4D array (numpy or dask, written block by block) as a calibrated ``.zspy`` / ``.hspy``.
 
     The file is written under a temporary name and renamed, so a failure leaves nothing.
@@ -355,7 +406,9 @@ def save_map(path: str | Path, data, calibration: float, kv: float = DEFAULT_KV,
     if not calibration > 0:
         raise ValueError(f"Calibration {calibration!r} is not positive; expected 1/Å per pixel")
     if data.ndim != 4:
-        raise ValueError(f"Data of shape {tuple(data.shape)} is not a 4D scan; expected (rows, cols, ky, kx)")
+        raise ValueError(
+            f"Data of shape {tuple(data.shape)} is not a 4D scan; expected (rows, cols, ky, kx)"
+        )
     lazy = isinstance(data, da.Array)
     s = hs.signals.Signal2D(data)
     if lazy:
@@ -363,7 +416,12 @@ def save_map(path: str | Path, data, calibration: float, kv: float = DEFAULT_KV,
     for ax, name in zip(s.axes_manager.navigation_axes, ("x", "y"), strict=True):
         ax.name, ax.scale, ax.units = name, step_nm, "nm"
     for ax, name in zip(s.axes_manager.signal_axes, ("kx", "ky"), strict=True):
-        ax.name, ax.scale, ax.units, ax.offset = name, calibration, "1/Å", -calibration * (ax.size // 2)
+        ax.name, ax.scale, ax.units, ax.offset = (
+            name,
+            calibration,
+            "1/Å",
+            -calibration * (ax.size // 2),
+        )
     s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", float(kv))
     s.set_signal_type("electron_diffraction")
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
@@ -405,8 +463,12 @@ def info(path: str | Path, calibration: float | None = None) -> dict:
 
 
 def _cli_info(parser):
-    parser.add_argument("map", help="a 4D map (.hspy, .zspy, .blo, .mib, .npy) or a synthetic map folder")
-    parser.add_argument("--calibration", type=float, default=None, help="1/Å per px (required for .npy)")
+    parser.add_argument(
+        "map", help="a 4D map (.hspy, .zspy, .blo, .mib, .npy) or a synthetic map folder"
+    )
+    parser.add_argument(
+        "--calibration", type=float, default=None, help="1/Å per px (required for .npy)"
+    )
 
     def run(args):
         d = info(args.map, args.calibration)
@@ -418,5 +480,3 @@ def _cli_info(parser):
         return 0
 
     return run
-
-

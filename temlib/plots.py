@@ -108,7 +108,9 @@ def virtual_images(signal, inner: float = 4.0, outer: tuple[float, float] = (10.
     data = signal.data
     h, w, ky, kx = data.shape
     rr, cc = np.mgrid[0:ky, 0:kx]
-    d2 = (rr - ky / 2) ** 2 + (cc - kx / 2) ** 2  # about the pattern middle (the beam drifts a few px)
+    d2 = (rr - ky / 2) ** 2 + (
+        cc - kx / 2
+    ) ** 2  # about the pattern middle (the beam drifts a few px)
     bf = (d2 <= inner**2).astype(np.float32)
     df = ((d2 >= outer[0] ** 2) & (d2 <= outer[1] ** 2)).astype(np.float32)
     vbf = np.tensordot(data, bf, axes=([2, 3], [0, 1]))
@@ -125,7 +127,9 @@ def virtual_figure(signal, title: str = ""):
     plt = _plt()
     vbf, vdf = virtual_images(signal)
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    for ax, img, name in zip(axes, (vbf, vdf), ("virtual bright field", "virtual annular dark field"), strict=True):
+    for ax, img, name in zip(
+        axes, (vbf, vdf), ("virtual bright field", "virtual annular dark field"), strict=True
+    ):
         ax.imshow(img, cmap="gray")
         ax.set_title(name)
         ax.set_axis_off()
@@ -135,13 +139,17 @@ def virtual_figure(signal, title: str = ""):
     return fig
 
 
-def gallery(patterns, titles=None, ncols: int = 6, gamma: float = 0.5, size: float = 2.2, suptitle: str = ""):
+def gallery(
+    patterns, titles=None, ncols: int = 6, gamma: float = 0.5, size: float = 2.2, suptitle: str = ""
+):
     """Grid of diffraction patterns shown with an intensity gamma (spots and halo both visible)."""
     plt = _plt()
     patterns = np.asarray(patterns, dtype=float)
     n = len(patterns)
     nrows = max(1, int(np.ceil(n / ncols)))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False
+    )
     for ax in axes.ravel():
         ax.set_axis_off()
     for k in range(n):

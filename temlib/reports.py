@@ -87,7 +87,11 @@ def execute(
         ok = False
         error = f"{e.ename}: {e.evalue}"
     seconds = time.perf_counter() - t0
-    page = render_html(executed, out_dir / f"{notebook}.html") if html_out and executed.exists() else None
+    page = (
+        render_html(executed, out_dir / f"{notebook}.html")
+        if html_out and executed.exists()
+        else None
+    )
     return Result(notebook, ok, seconds, page, error)
 
 
@@ -103,7 +107,7 @@ def write_index(results: list[Result], profile: str, out_dir: Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>temlib reports</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 12px;border-bottom:1px solid #ddd}}</style>
 </head><body><h1>temlib reports</h1>
-<p>Profile <b>{html.escape(profile)}</b>; {html.escape(config.provenance())}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}; total {total:.0f} s.</p>
+<p>Profile <b>{html.escape(profile)}</b>; {html.escape(config.provenance())}; generated {time.strftime("%Y-%m-%d %H:%M:%S")}; total {total:.0f} s.</p>
 <table><tr><th>notebook</th><th>status</th><th>time</th><th>error</th></tr>
 {rows}
 </table></body></html>"""
@@ -129,7 +133,10 @@ def run(
         print(f"[temlib reports] {name} (profile {profile}) ...", flush=True)
         r = execute(name, profile, parameters, out)
         results.append(r)
-        print(f"[temlib reports] {name}: {'ok' if r.ok else 'FAILED'} in {r.seconds:.0f} s", flush=True)
+        print(
+            f"[temlib reports] {name}: {'ok' if r.ok else 'FAILED'} in {r.seconds:.0f} s",
+            flush=True,
+        )
         if not r.ok:
             break
     write_index(results, profile, out)
@@ -143,9 +150,18 @@ def _parse_value(text: str):
 
 
 def _cli_reports(parser):
-    parser.add_argument("notebooks", nargs="*", help="notebook names, e.g. 04_regression (default: all)")
+    parser.add_argument(
+        "notebooks", nargs="*", help="notebook names, e.g. 04_regression (default: all)"
+    )
     parser.add_argument("--profile", default="default", help="default | ci | full")
-    parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="override a parameter")
+    parser.add_argument(
+        "-p",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="override a parameter",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: reports/)")
 
     def run_cli(args):
@@ -157,7 +173,9 @@ def _cli_reports(parser):
         print(f"[temlib reports] index: {out / 'index.html'}")
         if failed:
             r = failed[0]
-            print(f"[temlib reports] FAILED: {r.notebook}: {r.error}\n  executed copy kept: {out / (r.notebook + '.ipynb')}")
+            print(
+                f"[temlib reports] FAILED: {r.notebook}: {r.error}\n  executed copy kept: {out / (r.notebook + '.ipynb')}"
+            )
             return 1
         return 0
 

@@ -82,7 +82,9 @@ class Reflections:
         return len(self.intensity)
 
 
-def reflections(phase: Phase | str, g_max: float = 1.5, min_relative_intensity: float = 1e-6) -> Reflections:
+def reflections(
+    phase: Phase | str, g_max: float = 1.5, min_relative_intensity: float = 1e-6
+) -> Reflections:
     """Reflections of ``phase`` up to ``g_max`` (1/Å) with non-zero structure factor.
 
     Parameters
@@ -100,13 +102,17 @@ def reflections(phase: Phase | str, g_max: float = 1.5, min_relative_intensity: 
     if isinstance(phase, str):
         phase = crystal.get_phase(phase)
     if not g_max > 0:
-        raise ValueError(f"g_max {g_max!r} is not positive; expected a reciprocal radius in 1/Å such as 1.5")
-    vec = DiffractingVector.from_min_dspacing(phase, min_dspacing=1 / g_max, include_zero_vector=False)
+        raise ValueError(
+            f"g_max {g_max!r} is not positive; expected a reciprocal radius in 1/Å such as 1.5"
+        )
+    vec = DiffractingVector.from_min_dspacing(
+        phase, min_dspacing=1 / g_max, include_zero_vector=False
+    )
     inten = get_kinematical_intensities(phase.structure, vec.hkl, vec.gspacing, prefactor=1.0)
     keep = inten > inten.max() * min_relative_intensity
     return Reflections(
         phase_name=phase.name,
-        hkl=np.asarray(vec.hkl)[keep].astype(np.int32),
+        hkl=np.round(np.asarray(vec.hkl)[keep]).astype(np.int32),
         g=np.asarray(vec.data)[keep].astype(np.float64),
         intensity=np.asarray(inten)[keep].astype(np.float64),
     )
@@ -119,7 +125,9 @@ def excitation_error(xyz: np.ndarray, wavelength_a: float) -> np.ndarray:
     return (r - np.sqrt(np.maximum(r * r - rxy2, 0.0))) - xyz[..., 2]
 
 
-def shape_factor(s: np.ndarray, width: float | np.ndarray, r_spot: np.ndarray, precession_deg: float) -> np.ndarray:
+def shape_factor(
+    s: np.ndarray, width: float | np.ndarray, r_spot: np.ndarray, precession_deg: float
+) -> np.ndarray:
     """Relrod shape factor: diffsims' Lorentzian, or its precession-integrated form."""
     from diffsims.utils.shape_factor_models import lorentzian, lorentzian_precession
 
@@ -171,12 +179,22 @@ def kinematic_spots(
     lab = np.matmul(refl.g.astype(np.float32), mats)  # (N, G, 3): (g M)_i = (M^T g)_i = (R^-1 g)_i
     s = excitation_error(lab, wavelength(kv))
     r_spot = np.hypot(lab[..., 0], lab[..., 1])
-    width = np.broadcast_to(np.asarray(max_excitation_error, dtype=np.float32).reshape(-1, 1), (n, 1))
-    reach = width + (r_spot * np.float32(np.deg2rad(precession_deg) * 1.05) if precession_deg > 0 else 0)
+    width = np.broadcast_to(
+        np.asarray(max_excitation_error, dtype=np.float32).reshape(-1, 1), (n, 1)
+    )
+    reach = width + (
+        r_spot * np.float32(np.deg2rad(precession_deg) * 1.05) if precession_deg > 0 else 0
+    )
     pat, ref = np.nonzero(np.abs(s) < reach)  # only reflections near the Ewald sphere
-    inten = shape_factor(
-        s[pat, ref].astype(np.float64), width[pat, 0].astype(np.float64), r_spot[pat, ref], precession_deg
-    ) * refl.intensity[ref]
+    inten = (
+        shape_factor(
+            s[pat, ref].astype(np.float64),
+            width[pat, 0].astype(np.float64),
+            r_spot[pat, ref],
+            precession_deg,
+        )
+        * refl.intensity[ref]
+    )
     strongest = np.zeros(n)
     np.maximum.at(strongest, pat, inten)
     ok = inten >= strongest[pat] * min_intensity
@@ -320,7 +338,9 @@ def template_library(
     if kind not in LIBRARY_KINDS:
         raise ValueError(f"Unknown library kind {kind!r}; expected one of {LIBRARY_KINDS}")
     if not 0 < resolution <= 30:
-        raise ValueError(f"Resolution {resolution!r} deg is out of range; expected 0 < resolution <= 30")
+        raise ValueError(
+            f"Resolution {resolution!r} deg is out of range; expected 0 < resolution <= 30"
+        )
     params = {
         "phase": phase.name,
         "kind": kind,
@@ -488,15 +508,20 @@ def compare_with_diffsims(
         t0 = time.perf_counter()
         ref = [
             gen.calculate_diffraction2d(
-                phase, rotation=rot[i], reciprocal_radius=reciprocal_radius,
-                max_excitation_error=max_excitation_error, with_direct_beam=False,
+                phase,
+                rotation=rot[i],
+                reciprocal_radius=reciprocal_radius,
+                max_excitation_error=max_excitation_error,
+                with_direct_beam=False,
             ).coordinates
             for i in range(n)
         ]
         t_ref = (time.perf_counter() - t0) / n
         t0 = time.perf_counter()
         refl = reflections(phase, g_max=reciprocal_radius)
-        xy, inten, _ = kinematic_spots(refl, rot, kv=kv, max_excitation_error=max_excitation_error, min_intensity=1e-4)
+        xy, inten, _ = kinematic_spots(
+            refl, rot, kv=kv, max_excitation_error=max_excitation_error, min_intensity=1e-4
+        )
         t_ours = (time.perf_counter() - t0) / n
         d_pos, d_int, same = 0.0, 0.0, 0
         for i, c in enumerate(ref):
@@ -505,7 +530,9 @@ def compare_with_diffsims(
             if c.size and k == c.size:
                 o = np.argsort(-c.intensity)
                 d_pos = max(d_pos, float(np.abs(c.data[o, :2] - xy[i, :k]).max()))
-                d_int = max(d_int, float(np.abs(c.intensity[o] - inten[i, :k]).max() / c.intensity.max()))
+                d_int = max(
+                    d_int, float(np.abs(c.intensity[o] - inten[i, :k]).max() / c.intensity.max())
+                )
         rows.append(
             {
                 "phase": name,

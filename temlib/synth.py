@@ -92,7 +92,9 @@ class Camera:
         return self.size / 2
 
 
-def random_camera(rng=None, size: int = 144, calibration: float = 0.02, kv: float = 200.0, randomize: bool = True) -> Camera:
+def random_camera(
+    rng=None, size: int = 144, calibration: float = 0.02, kv: float = 200.0, randomize: bool = True
+) -> Camera:
     """Draw a camera look from ranges that cover cameras filming a phosphor screen."""
     rng = np.random.default_rng(rng)
     if not randomize:
@@ -332,13 +334,18 @@ class _PhaseTables:
     perturb: np.ndarray  # (K, G) standard normals, row = region % K
 
 
-def _phase_tables(camera: Camera, seed: int) -> dict[int, _PhaseTables]:
+def _phase_tables(camera: Camera, seed: int, phases=PHASES) -> dict[int, _PhaseTables]:
     g_max = camera.size / 2 * np.sqrt(2) * camera.calibration * 1.02
     out = {}
-    for name, pid in PHASE_ID.items():
+    for name in phases:
+        pid = PHASE_ID[name]
         refl = simulate.reflections(name, g_max=g_max)
         rng = np.random.default_rng([seed, pid])
-        out[pid] = _PhaseTables(refl, float(refl.intensity.max()), rng.standard_normal((512, refl.size)).astype(np.float32))
+        out[pid] = _PhaseTables(
+            refl,
+            float(refl.intensity.max()),
+            rng.standard_normal((512, refl.size)).astype(np.float32),
+        )
     return out
 
 
@@ -356,12 +363,19 @@ def _gaussian_matrix(size: int, sigma: float, sources: np.ndarray) -> np.ndarray
     return (np.exp(-0.5 * (d / sigma) ** 2) / (np.sqrt(2 * np.pi) * sigma)).astype(np.float32)
 
 
-def _splat(n: int, size: int, pat: np.ndarray, rows: np.ndarray, cols: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _splat(
+    n: int, size: int, pat: np.ndarray, rows: np.ndarray, cols: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
     """Bilinear splat of spot counts into (n, size, size) float32 grids; off-frame spots drop."""
     grid = np.zeros(n * size * size, np.float32)
     r0, c0 = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
     fr, fc = (rows - r0).astype(np.float32), (cols - c0).astype(np.float32)
-    for dr, dc, w in ((0, 0, (1 - fr) * (1 - fc)), (1, 0, fr * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 1, fr * fc)):
+    for dr, dc, w in (
+        (0, 0, (1 - fr) * (1 - fc)),
+        (1, 0, fr * (1 - fc)),
+        (0, 1, (1 - fr) * fc),
+        (1, 1, fr * fc),
+    ):
         r, c = r0 + dr, c0 + dc
         ok = (r >= 0) & (r < size) & (c >= 0) & (c < size)
         np.add.at(grid, (pat[ok] * size + r[ok]) * size + c[ok], counts[ok] * w[ok])
@@ -414,7 +428,12 @@ def render_patterns(
     """
     n, n_contrib = phase.shape
     size = camera.size
-    pats, rows, cols, cnts = [np.arange(n)], [center[:, 0]], [center[:, 1]], [np.full(n, camera.direct_beam * camera.exposure)]
+    pats, rows, cols, cnts = (
+        [np.arange(n)],
+        [center[:, 0]],
+        [center[:, 1]],
+        [np.full(n, camera.direct_beam * camera.exposure)],
+    )
     for (pid, tab), c in ((pt, c) for pt in tables.items() for c in range(n_contrib)):
         sel_n = np.flatnonzero((phase[:, c] == pid) & (region[:, c] >= 0))
         if sel_n.size == 0:
@@ -455,7 +474,9 @@ def render_patterns(
     dc = (px[None, :] - center[:, 1:2].astype(np.float32)) * np.float32(camera.calibration)
     k2 = dr[:, :, None] ** 2 + dc[:, None, :] ** 2
     t_mean = (np.where(region >= 0, thickness, 0) * weight).sum(axis=1).astype(np.float32)
-    image += (np.float32(camera.background) * t_mean / 75.0)[:, None, None] / (1 + k2 / np.float32(camera.background_k**2))
+    image += (np.float32(camera.background) * t_mean / 75.0)[:, None, None] / (
+        1 + k2 / np.float32(camera.background_k**2)
+    )
     image += np.float32(camera.background_floor)
     # shot noise (Gaussian approximation, variance = counts) from a shifted noise bank, then the camera
     flat = image.reshape(n, -1)
@@ -464,8 +485,64 @@ def render_patterns(
     view = np.lib.stride_tricks.sliding_window_view(bank, npx)
     shot = view[rng.integers(0, npx * 2, size=n)]
     read = view[rng.integers(0, npx * 2, size=n)]
-    adu = np.float32(camera.gain) * (flat + np.sqrt(flat) * shot) + np.float32(camera.read_noise) * read[:, ::-1] + np.float32(camera.offset)
+    adu = (
+        np.float32(camera.gain) * (flat + np.sqrt(flat) * shot)
+        + np.float32(camera.read_noise) * read[:, ::-1]
+        + np.float32(camera.offset)
+    )
     return np.clip(np.rint(adu), 0, 255).astype(np.uint8).reshape(n, size, size)
+
+
+def simulate_patterns(
+    phase: str,
+    rotations: Rotation,
+    camera: Camera | None = None,
+    thickness_nm: float = 60.0,
+    centers: np.ndarray | None = None,
+    rng=None,
+) -> np.ndarray:
+    """Camera-like patterns of one phase at known orientations (for tests and demos).
+
+    Parameters
+    ----------
+    phase
+        ``"ferrite"``, ``"NbC"`` or ``"cementite"``.
+    rotations
+        N orix rotations (sample -> crystal).
+    camera
+        The look; default :class:`Camera` (fixed, moderate noise).
+    thickness_nm
+        Foil thickness.
+    centers
+        (N, 2) beam centres (row, col) px; default the pattern middle.
+
+    Returns
+    -------
+    (N, size, size) uint8 patterns.
+    """
+    if phase not in PHASE_ID:
+        raise ValueError(f"Unknown phase {phase!r}; expected one of {PHASES}")
+    camera = camera or Camera()
+    rng = np.random.default_rng(rng)
+    mats = rotations.to_matrix().reshape(-1, 3, 3)
+    n = len(mats)
+    tables = _phase_tables(camera, int(rng.integers(2**31)), phases=(phase,))
+    centers = (
+        np.full((n, 2), camera.center)
+        if centers is None
+        else np.asarray(centers, float).reshape(n, 2)
+    )
+    return render_patterns(
+        camera,
+        tables,
+        np.stack([mats, mats], axis=1),
+        np.tile([[PHASE_ID[phase], -1]], (n, 1)),
+        np.tile([[0, -1]], (n, 1)),
+        np.full((n, 2), float(thickness_nm)),
+        np.tile([[1.0, 0.0]], (n, 1)),
+        centers,
+        rng,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -510,7 +587,9 @@ def _center_field(shape, camera: Camera, rng) -> np.ndarray:
     a = camera.center_drift * rng.uniform(-1, 1, size=(2, 3))
     field = np.stack(
         [
-            a[i, 0] * (rr - 0.5) + a[i, 1] * (cc - 0.5) + 0.5 * a[i, 2] * np.sin(2 * np.pi * (rr + cc + rng.uniform()))
+            a[i, 0] * (rr - 0.5)
+            + a[i, 1] * (cc - 0.5)
+            + 0.5 * a[i, 2] * np.sin(2 * np.pi * (rr + cc + rng.uniform()))
             for i in range(2)
         ],
         axis=-1,
@@ -540,13 +619,19 @@ class _Plan:
         n = lab.size
         region = np.stack([lab, sec], axis=1)
         phase = np.where(region >= 0, m.phase[np.maximum(region, 0)], -1)
-        base = Rotation(m.rotations[np.maximum(region, 0)].reshape(-1, 4)).to_matrix().reshape(n, 2, 3, 3)
+        base = (
+            Rotation(m.rotations[np.maximum(region, 0)].reshape(-1, 4))
+            .to_matrix()
+            .reshape(n, 2, 3, 3)
+        )
         spread = _spread(2 * n, self.camera.spread_deg, rng).reshape(n, 2, 3, 3)
         rot = spread @ base  # small crystal-frame misorientation around the region's orientation
         thick = m.thickness[np.maximum(region, 0)]
         weight = np.stack([w, 1 - w], axis=1)
         center = self.centers[r0:r1, c0:c1].reshape(n, 2)
-        out = render_patterns(self.camera, self.tables, rot, phase, region, thick, weight, center, rng)
+        out = render_patterns(
+            self.camera, self.tables, rot, phase, region, thick, weight, center, rng
+        )
         return out.reshape(r1 - r0, c1 - c0, self.camera.size, self.camera.size)
 
 
@@ -555,7 +640,12 @@ def _dask_map(plan: _Plan, chunk: int):
 
     h, w = plan.micro.labels.shape
     s = plan.camera.size
-    chunks = (tuple(min(chunk, h - i) for i in range(0, h, chunk)), tuple(min(chunk, w - j) for j in range(0, w, chunk)), (s,), (s,))
+    chunks = (
+        tuple(min(chunk, h - i) for i in range(0, h, chunk)),
+        tuple(min(chunk, w - j) for j in range(0, w, chunk)),
+        (s,),
+        (s,),
+    )
 
     def make(block_info=None):
         (r0, r1), (c0, c1) = block_info[None]["array-location"][:2]
@@ -679,12 +769,18 @@ def generate_map(
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
-        raise FileExistsError(f"Map folder {folder} already exists; pass overwrite=True or choose another folder")
+        raise FileExistsError(
+            f"Map folder {folder} already exists; pass overwrite=True or choose another folder"
+        )
     if pattern_size < 16:
-        raise ValueError(f"pattern_size {pattern_size!r} is too small; expected at least 16 px (144 for the default)")
+        raise ValueError(
+            f"pattern_size {pattern_size!r} is too small; expected at least 16 px (144 for the default)"
+        )
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    micro = microstructure(tuple(shape), n_grains, colony_fraction, cementite_particles, nbc_particles, rng=rng)
+    micro = microstructure(
+        tuple(shape), n_grains, colony_fraction, cementite_particles, nbc_particles, rng=rng
+    )
     achieved = assign_orientations(micro, rng, avoid, min_misorientation)
     camera = random_camera(rng, pattern_size, calibration, kv, randomize_camera)
     centers = _center_field(tuple(shape), camera, rng)
@@ -699,7 +795,9 @@ def generate_map(
         data = _dask_map(plan, chunk)
         n_blocks = int(np.prod(data.numblocks))
         with _TqdmCallback(n_blocks, f"patterns {folder.name}", not show_progressbar):
-            io.save_map(tmp / "patterns.zspy", data, calibration=camera.calibration, kv=kv, step_nm=step_nm)
+            io.save_map(
+                tmp / "patterns.zspy", data, calibration=camera.calibration, kv=kv, step_nm=step_nm
+            )
         write_truth(micro, tmp, step_nm, centers)
         seconds = time.perf_counter() - t0
         spec = {
@@ -714,7 +812,9 @@ def generate_map(
             "seed": seed,
             "camera": dataclasses.asdict(camera),
             "phases": list(PHASES),
-            "phase_fractions": {p: float((micro.phase[micro.labels] == i).mean()) for i, p in enumerate(PHASES)},
+            "phase_fractions": {
+                p: float((micro.phase[micro.labels] == i).mean()) for i, p in enumerate(PHASES)
+            },
             "n_regions": int(len(micro.phase)),
             "test_rule": None
             if avoid is None
@@ -782,7 +882,9 @@ def steel_maps(params=None, show_progressbar: bool = True) -> dict[str, SynthMap
         params = config.load("00_ingest", params or "default")
     profile_spec = {k: config.load("00_ingest", params.profile)[k] for k in MAP_KEYS}
     spec = {k: params[k] for k in MAP_KEYS}
-    key = hashlib.sha1(json.dumps([spec, GENERATOR_VERSION], sort_keys=True, default=list).encode()).hexdigest()[:10]
+    key = hashlib.sha1(
+        json.dumps([spec, GENERATOR_VERSION], sort_keys=True, default=list).encode()
+    ).hexdigest()[:10]
     name = params.profile if spec == profile_spec else f"{params.profile}-{key}"
     root = paths.data_dir("synthetic") / name
     stamp = root / "maps.json"
@@ -840,7 +942,9 @@ def summary(maps: dict[str, SynthMap]) -> list[dict]:
                 "gamma": round(cam["gamma"], 2),
                 "beam drift (px)": round(cam["center_drift"], 2),
                 "min misorientation to training (deg)": (
-                    ", ".join(f"{k} {v:.1f}" for k, v in rule.get("achieved_min_deg", {}).items()) if rule else "-"
+                    ", ".join(f"{k} {v:.1f}" for k, v in rule.get("achieved_min_deg", {}).items())
+                    if rule
+                    else "-"
                 ),
                 "patterns/s": round(sp["patterns_per_second"]),
             }
@@ -848,7 +952,9 @@ def summary(maps: dict[str, SynthMap]) -> list[dict]:
     return rows
 
 
-def sample_patterns(m: SynthMap, per_phase: int = 6, rng=None, pure: bool = True) -> tuple[np.ndarray, list[str]]:
+def sample_patterns(
+    m: SynthMap, per_phase: int = 6, rng=None, pure: bool = True
+) -> tuple[np.ndarray, list[str]]:
     """A few patterns of each phase from map ``m`` with titles (phase, scan position, weight).
 
     ``pure`` picks pixels inside a region (weight 1); otherwise boundary pixels too.
@@ -876,15 +982,23 @@ def training_vs_test_disorientation(maps: dict[str, SynthMap]) -> dict[str, np.n
 
 
 def _cli_synth_map(parser):
-    parser.add_argument("--out", required=True, help="output folder (patterns.zspy + truth.h5/.ang/.npz + spec.json)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder (patterns.zspy + truth.h5/.ang/.npz + spec.json)",
+    )
     parser.add_argument("--shape", nargs=2, type=int, default=[64, 64], metavar=("ROWS", "COLS"))
     parser.add_argument("--grains", type=int, default=30, help="ferrite grains")
     parser.add_argument("--pattern-size", type=int, default=144)
     parser.add_argument("--calibration", type=float, default=0.02, help="1/Å per px")
     parser.add_argument("--kv", type=float, default=200.0)
-    parser.add_argument("--avoid", nargs="*", default=[], help="training map folders whose orientations to avoid")
+    parser.add_argument(
+        "--avoid", nargs="*", default=[], help="training map folders whose orientations to avoid"
+    )
     parser.add_argument("--min-misorientation", type=float, default=10.0, help="deg, with --avoid")
-    parser.add_argument("--fixed-camera", action="store_true", help="do not randomise the camera look")
+    parser.add_argument(
+        "--fixed-camera", action="store_true", help="do not randomise the camera look"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
 
@@ -893,7 +1007,9 @@ def _cli_synth_map(parser):
         if args.avoid:
             for a in args.avoid:
                 if not (Path(a) / "truth.npz").is_file():
-                    raise FileNotFoundError(f"--avoid {a} is not a synthetic map folder (no truth.npz)")
+                    raise FileNotFoundError(
+                        f"--avoid {a} is not a synthetic map folder (no truth.npz)"
+                    )
             avoid = region_orientations([SynthMap(Path(a)) for a in args.avoid])
         m = generate_map(
             args.out,
@@ -909,8 +1025,10 @@ def _cli_synth_map(parser):
             overwrite=args.overwrite,
         )
         spec = m.spec
-        print(f"wrote {m.folder}: {spec['shape'][0]}x{spec['shape'][1]} patterns of {args.pattern_size} px, "
-              f"{spec['patterns_per_second']:.0f} patterns/s; phases {spec['phase_fractions']}")
+        print(
+            f"wrote {m.folder}: {spec['shape'][0]}x{spec['shape'][1]} patterns of {args.pattern_size} px, "
+            f"{spec['patterns_per_second']:.0f} patterns/s; phases {spec['phase_fractions']}"
+        )
         return 0
 
     return run

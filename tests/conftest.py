@@ -12,7 +12,9 @@ def shared_data():
     """``../shared/data`` (real datasets), or skip with a message where it is absent."""
     d = paths.shared_data()
     if d is None:
-        pytest.skip("real datasets (../shared/data) are absent on this machine; see data/README.md for their sources")
+        pytest.skip(
+            "real datasets (../shared/data) are absent on this machine; see data/README.md for their sources"
+        )
     return d
 
 

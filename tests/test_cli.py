@@ -18,5 +18,7 @@ def test_unknown_command_is_one_line(capsys):
 
 
 def test_python_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "temlib", "--version"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "temlib", "--version"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and r.stdout.startswith("temlib ")

@@ -14,7 +14,9 @@ NOTEBOOKS = reports.available()
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_on_ci_profile(name, tmp_path):
     result = reports.execute(name, profile="ci", out_dir=tmp_path)
-    assert result.ok, f"{name} failed: {result.error} (executed copy: {tmp_path / (name + '.ipynb')})"
+    assert result.ok, (
+        f"{name} failed: {result.error} (executed copy: {tmp_path / (name + '.ipynb')})"
+    )
     nb = json.loads((tmp_path / f"{name}.ipynb").read_text())
     images = sum(
         1
@@ -33,5 +35,9 @@ def test_notebooks_are_committed_clean():
     for p in paths.notebooks_dir().glob("*.ipynb"):
         nb = json.loads(p.read_text())
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-        assert code and "parameters" in code[0].get("metadata", {}).get("tags", []), f"{p.name}: first code cell must be tagged 'parameters'"
-        assert all(not c.get("outputs") and not c.get("execution_count") for c in code), f"{p.name} has outputs"
+        assert code and "parameters" in code[0].get("metadata", {}).get("tags", []), (
+            f"{p.name}: first code cell must be tagged 'parameters'"
+        )
+        assert all(not c.get("outputs") and not c.get("execution_count") for c in code), (
+            f"{p.name} has outputs"
+        )

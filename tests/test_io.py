@@ -1,0 +1,159 @@
+import numpy as np
+import pytest
+
+from temlib import cli, io
+
+
+@pytest.fixture(scope="module")
+def small_map(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 255, size=(3, 4, 32, 32), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("maps") / "m.zspy"
+    io.save_map(path, data, calibration=0.0234, kv=300.0, step_nm=2.5)
+    return path, data
+
+
+def test_written_map_reads_back_identical(small_map):
+    path, data = small_map
+    s = io.load_map(path)
+    np.testing.assert_array_equal(s.data.compute(), data)
+    assert io.calibration_of(s) == pytest.approx(0.0234)
+    assert io.beam_energy(s) == 300.0
+    assert s.axes_manager.navigation_axes[0].scale == 2.5
+
+
+@pytest.mark.parametrize("suffix", [".hspy", ".zspy"])
+def test_roundtrip_formats(tmp_path, suffix):
+    data = np.arange(2 * 2 * 16 * 16, dtype=np.uint16).reshape(2, 2, 16, 16)
+    path = io.save_map(tmp_path / f"m{suffix}", data, calibration=0.05)
+    s = io.load_map(path, lazy=False)
+    np.testing.assert_array_equal(np.asarray(s.data), data)
+    assert io.calibration_of(s) == pytest.approx(0.05)
+    assert list(tmp_path.iterdir()) == [path], "temporary files left behind"
+
+
+def test_npy_needs_calibration(tmp_path):
+    path = tmp_path / "m.npy"
+    np.save(path, np.zeros((2, 2, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="carries no calibration; pass calibration="):
+        io.load_map(path)
+    s = io.load_map(path, calibration=0.02, kv=120)
+    assert io.calibration_of(s) == 0.02 and io.beam_energy(s) == 120
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (
+            np.zeros((4, 16, 16), np.uint8),
+            r"has 3 dimensions \(shape \(4, 16, 16\)\); expected a 4D scan",
+        ),
+        (np.zeros((2, 2, 8, 8), np.complex64), "has dtype complex64; expected one of"),
+        (np.zeros((2, 2, 8, 8), bool), "has dtype bool"),
+    ],
+)
+def test_bad_arrays(tmp_path, array, message):
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    with pytest.raises(ValueError, match=message):
+        io.load_map(path, calibration=0.02)
+
+
+def test_nans_are_one_clear_error(tmp_path):
+    a = np.ones((2, 2, 8, 8), np.float32)
+    a[1, 1, 3, 3] = np.nan
+    path = tmp_path / "nan.npy"
+    np.save(path, a)
+    with pytest.raises(ValueError, match="holds 1 NaN or infinite values"):
+        io.load_map(path, calibration=0.02, lazy=False)
+    s = io.load_map(path, calibration=0.02)  # lazy: found while streaming
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        list(io.iter_chunks(s, chunk=1, show_progressbar=False))
+
+
+def test_missing_truncated_and_unknown(tmp_path, small_map):
+    with pytest.raises(FileNotFoundError, match="No map file at"):
+        io.load_map(tmp_path / "nope.hspy")
+    with pytest.raises(ValueError, match=r"unknown format \.tif"):
+        (tmp_path / "x.tif").write_bytes(b"1234")
+        io.load_map(tmp_path / "x.tif")
+    good = io.save_map(tmp_path / "t.hspy", np.zeros((2, 2, 16, 16), np.uint8), calibration=0.02)
+    blob = good.read_bytes()
+    (tmp_path / "trunc.hspy").write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(ValueError, match="looks truncated or corrupt"):
+        io.load_map(tmp_path / "trunc.hspy")
+    (tmp_path / "empty.hspy").write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty"):
+        io.load_map(tmp_path / "empty.hspy")
+
+
+def test_uncalibrated_file_needs_override(tmp_path):
+    import hyperspy.api as hs
+
+    path = tmp_path / "raw.hspy"
+    hs.signals.Signal2D(np.zeros((2, 2, 16, 16), np.uint8)).save(path)
+    with pytest.raises(ValueError, match="has no reciprocal calibration"):
+        io.load_map(path)
+    assert io.calibration_of(io.load_map(path, calibration=0.03)) == 0.03
+
+
+def test_iter_chunks_covers_map(small_map):
+    path, data = small_map
+    s = io.load_map(path)
+    out = np.zeros_like(data)
+    for (rs, cs), block in io.iter_chunks(s, chunk=2, show_progressbar=False):
+        out[rs, cs] = block
+    np.testing.assert_array_equal(out, data)
+
+
+def test_resample_puts_beam_in_middle():
+    p = np.zeros((1, 64, 64), np.float32)
+    p[0, 30, 35] = 100.0  # direct beam
+    p[0, 30, 45] = 50.0  # a spot 10 px away at calibration 0.01
+    out = io.resample(p, np.array([[30.0, 35.0]]), 0.01, 0.02, size=32)
+    assert np.unravel_index(out[0].argmax(), out[0].shape) == (16, 16)
+    assert out[0, 16, 21] == pytest.approx(50.0)  # 10 px * 0.01 / 0.02 = 5 px
+
+
+def test_labels(tmp_path):
+    from temlib import synth
+
+    m = synth.generate_map(tmp_path / "m", shape=(4, 5), n_grains=2, seed=0, show_progressbar=False)
+    xmap = io.load_labels(m.folder / "truth.ang", (4, 5))
+    assert xmap.shape == (4, 5)
+    with pytest.raises(ValueError, match=r"cover a \(4, 5\) scan; the map is \(3, 3\)"):
+        io.load_labels(m.folder / "truth.h5", (3, 3))
+    info = io.info(m.folder)
+    assert info["scan_shape"] == (4, 5) and info["phases"] is not None
+
+
+def test_cli_info_and_errors(small_map, capsys, tmp_path):
+    path, _ = small_map
+    assert cli.main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.0234" in out and "300" in out and "(3, 4)" in out
+    assert cli.main(["info", str(tmp_path / "missing.zspy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("temlib info: error: No map file at")
+
+
+def test_cli_synth_map(tmp_path, capsys):
+    out = tmp_path / "cli_map"
+    assert (
+        cli.main(
+            ["synth-map", "--out", str(out), "--shape", "4", "4", "--grains", "2", "--seed", "3"]
+        )
+        == 0
+    )
+    assert (out / "patterns.zspy").is_dir() and (out / "truth.h5").is_file()
+    assert cli.main(["synth-map", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_real_mgo_map(shared_data):
+    s = io.load_map(shared_data / "acom" / "mgo_nanoparticles.zspy")
+    assert s.data.shape == (105, 105, 144, 144)
+    assert io.calibration_of(s) == pytest.approx(0.03246)
+    assert io.beam_energy(s) == 300.0
+    centres = io.find_direct_beam(np.asarray(s.data[50, 50:53]))
+    assert np.all(np.abs(centres - 72) < 3)
