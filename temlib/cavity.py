@@ -593,8 +593,8 @@ def synthetic_background(
         f = _lowres_field(rng, (m, n), rng.uniform(0.15, 0.4) * max(m, n))
         lev, wid = rng.uniform(-1.5, 1.5), rng.uniform(0.1, 0.35)
         b = b - rng.uniform(0.15, 0.45) * np.exp(-(((f - lev) / wid) ** 2))
-    b = b + rng.uniform(0.03, 0.10) * _lowres_field(
-        rng, (m, n), rng.uniform(4, 20)
+    b = b + rng.uniform(0.04, 0.14) * _lowres_field(
+        rng, (m, n), rng.uniform(6, 30)
     )  # coarse mottle
     for _ in range(int(rng.integers(0, 3)) // 2 + int(rng.random() < 0.3)):  # dislocation lines
         f = _lowres_field(rng, (m, n), rng.uniform(15, 60))
@@ -670,14 +670,14 @@ class GeneratorConfig:
     overfocus_fraction: float = 0.15
     thickness_nm: tuple[float, float] = (60.0, 150.0)
     v0: tuple[float, float] = (20.0, 28.0)
-    absorption_nm: tuple[float, float] = (50.0, 300.0)
+    absorption_nm: tuple[float, float] = (30.0, 200.0)
     alpha_mrad: tuple[float, float] = (0.05, 0.3)
     psf_px: tuple[float, float] = (0.3, 1.0)
-    noise: tuple[float, float] = (0.02, 0.08)
+    noise: tuple[float, float] = (0.015, 0.06)
     min_contrast: float = 0.03
-    d_median_nm_range: tuple[float, float] = (6.0, 25.0)
+    d_median_nm_range: tuple[float, float] = (8.0, 40.0)
     d_sigma: float = 0.35
-    d_range_nm: tuple[float, float] = (2.0, 60.0)
+    d_range_nm: tuple[float, float] = (2.0, 80.0)
     min_d_px: float = 6.0
     count: tuple[int, int] = (5, 40)
     faceted_fraction: float = 0.5
@@ -1280,12 +1280,18 @@ def generate_dataset(
     return out_dir
 
 
-def load_dataset(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
-    """Read a generated dataset: images ``(M, N)`` uint8, labels ``(K, 5)`` px, metadata rows."""
+def load_dataset(folder) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
+    """Read generated datasets: images ``(M, N)`` uint8, labels ``(K, 5)`` px, metadata rows.
+
+    ``folder`` is one output folder of :func:`generate_dataset` or a list of them (joined).
+    """
     import csv
 
     from .detect import read_image, read_yolo_txt
 
+    if isinstance(folder, list | tuple):
+        parts = [load_dataset(f) for f in folder]
+        return tuple([x for p in parts for x in p[k]] for k in range(3))
     folder = Path(folder)
     if not (folder / "images.csv").is_file():
         raise FileNotFoundError(
@@ -1432,3 +1438,187 @@ def _cli_cavity(parser):
         return 0
 
     return run
+
+
+# --------------------------------------------------------------------------- notebook helpers
+
+
+def fringe_widths(
+    radii_nm, defoci_nm, px_nm: float = 0.1, optics: Optics | None = None
+) -> np.ndarray:
+    """Fringe widths (nm, :func:`fringe_width`) for every radius x defocus, ``(R, D)``."""
+    opt = optics or Optics(psf_px=0.0)
+    out = np.zeros((len(radii_nm), len(defoci_nm)))
+    for i, r in enumerate(radii_nm):
+        for j, df in enumerate(defoci_nm):
+            x, p = line_profile(r, df, px_nm=px_nm, optics=opt)
+            out[i, j] = fringe_width(x, p, r, df)
+    return out
+
+
+def mean_cavity_profile(
+    images, boxes, n_bins: int = 30, r_max: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean radial profile around cavities vs ``r / R`` (R = half the box's mean side).
+
+    Each cavity's profile is divided by its local level (the mean from ``1.5 R`` to
+    ``r_max R``), so profiles of different images compare; cavities with ``R < 3`` px or
+    too close to an edge are skipped.
+
+    Parameters
+    ----------
+    images
+        Images ``(M, N)`` (a list, or one image with one box array).
+    boxes
+        Per image, boxes in any format of :mod:`temlib.detect`.
+
+    Returns
+    -------
+    r_over_R, profile
+        ``(n_bins,)`` each; ``profile`` is NaN when no cavity qualified.
+    """
+    from .detect import _xyxy
+
+    if isinstance(images, np.ndarray) and images.ndim == 2:
+        images, boxes = [images], [boxes]
+    acc, n = np.zeros(n_bins), 0
+    for img, b in zip(images, boxes, strict=True):
+        a = np.asarray(img, np.float64)
+        for x1, y1, x2, y2 in _xyxy(b):
+            R = (x2 - x1 + y2 - y1) / 4
+            cy, cx = (y1 + y2) / 2, (x1 + x2) / 2
+            if (
+                R < 3
+                or cy - r_max * R < 0
+                or cx - r_max * R < 0
+                or cy + r_max * R > a.shape[0]
+                or cx + r_max * R > a.shape[1]
+            ):
+                continue
+            r, p = radial_profile(a, cy, cx, r_max * R, n_bins)
+            ring = r > 1.5 * R
+            acc += p / (p[ring].mean() + 1e-9)
+            n += 1
+    edges = np.linspace(0, r_max, n_bins + 1)
+    return 0.5 * (edges[1:] + edges[:-1]), acc / n if n else np.full(n_bins, np.nan)
+
+
+def shared_backgrounds(max_images: int = 40, rng=None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Real cavity-free BF-TEM backgrounds from ``../shared/data`` (in-situ frames), or ``[]``.
+
+    The in-situ frames of 316L (512 px, ~0.39 nm/px) and FeCrAl (~0.37 nm/px) show
+    dislocation loops and bend contours but no cavities: real texture to blend simulated
+    cavities into (loops act as distractors). Returns ``(name, image, no labels)``.
+    """
+    from . import paths
+    from .detect import read_image
+
+    root = paths.shared_data()
+    if root is None:
+        return []
+    files = sorted((root / "insitu" / "creme_316L" / "fov200nm" / "imgs").glob("*.png"))
+    files += sorted((root / "insitu" / "fecral_video_frames").glob("*.jpg"))[::10]
+    if not files:
+        return []
+    rng = np.random.default_rng(rng)
+    pick = rng.permutation(len(files))[:max_images]
+    return [(files[i].name, read_image(files[i]), np.zeros((0, 5))) for i in sorted(pick)]
+
+
+def real_cavity_images(
+    max_images: int = 6, max_size: int = 1024
+) -> list[tuple[str, np.ndarray, float | None]]:
+    """Real BF-TEM cavity images from ``../shared/data/cavities`` (no labels), or ``[]``.
+
+    Larger images are centre-cropped to ``max_size``. Returns ``(name, image, nm/px or
+    None)`` (nm/px from the dataset's conversion table where the name is listed).
+    """
+    import csv
+
+    from . import paths
+    from .detect import read_image
+
+    root = paths.shared_data()
+    folder = root / "cavities" / "bf_tem_cavities" if root else None
+    if folder is None or not folder.is_dir():
+        return []
+    scale = {}
+    table = folder / "image_nm_pixel_conversions.csv"
+    if table.is_file():
+        with open(table, encoding="utf-8-sig") as fh:
+            for row in csv.DictReader(fh):
+                try:
+                    scale[Path(row["Image"]).stem] = float(row["Conversion (nm/pixel)"])
+                except (KeyError, ValueError):
+                    pass
+    files = sorted(folder.glob("*.png"))
+    idx = np.linspace(0, len(files) - 1, min(max_images, len(files))).round().astype(int)
+    out = []
+    for i in idx:
+        img = read_image(files[i])
+        M, N = img.shape
+        if max(M, N) > max_size:
+            r0, c0 = max(0, (M - max_size) // 2), max(0, (N - max_size) // 2)
+            img = img[r0 : r0 + max_size, c0 : c0 + max_size]
+        out.append((files[i].name, img, scale.get(files[i].stem)))
+    return out
+
+
+def plot_boxes(ax, boxes, color: str = "yellow", lw: float = 0.8, label: str | None = None) -> None:
+    """Draw boxes (any :mod:`temlib.detect` format) as rectangles on a matplotlib axis."""
+    from matplotlib.patches import Rectangle
+
+    from .detect import _xyxy
+
+    for k, (x1, y1, x2, y2) in enumerate(_xyxy(boxes)):
+        ax.add_patch(
+            Rectangle(
+                (x1 - 0.5, y1 - 0.5),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                ec=color,
+                lw=lw,
+                label=label if k == 0 else None,
+            )
+        )
+
+
+def widget_panel(size: int = 384):
+    """An ipywidgets panel: sliders for defocus, size, calibration, absorption, shape, seed."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    def show(df_nm, d_median_nm, nm_per_px, absorption_nm, faceted_fraction, count, seed):
+        cfg = GeneratorConfig(
+            size=size,
+            count=(count, count),
+            d_median_nm_range=(d_median_nm, d_median_nm),
+            faceted_fraction=faceted_fraction,
+            min_contrast=0.0,
+        )
+        opt = Optics(df_nm=df_nm, absorption_nm=absorption_nm)
+        res = generate_image(seed, cfg, nm_per_px=nm_per_px, optics=opt)
+        fig, ax = plt.subplots(1, 2, figsize=(10, 5))
+        ax[0].imshow(res["image"], cmap="gray")
+        ax[1].imshow(res["image"], cmap="gray")
+        plot_boxes(ax[1], res["boxes"])
+        for a in ax:
+            a.axis("off")
+        fig.suptitle(
+            f"df = {df_nm:.0f} nm, fringe ~ {np.sqrt(WAVELENGTH_NM * abs(df_nm)):.2f} nm; {len(res['boxes'])} labelled"
+        )
+        plt.show()
+
+    return w.interactive(
+        show,
+        df_nm=w.FloatSlider(value=-1000, min=-3000, max=3000, step=100, description="defocus nm"),
+        d_median_nm=w.FloatSlider(value=12, min=3, max=40, step=1, description="median d nm"),
+        nm_per_px=w.FloatSlider(value=0.5, min=0.2, max=1.5, step=0.05, description="nm/px"),
+        absorption_nm=w.FloatSlider(
+            value=120, min=30, max=1000, step=10, description="absorption nm"
+        ),
+        faceted_fraction=w.FloatSlider(value=0.5, min=0, max=1, step=0.1, description="faceted"),
+        count=w.IntSlider(value=12, min=0, max=60, description="cavities"),
+        seed=w.IntSlider(value=0, min=0, max=100, description="seed"),
+    )

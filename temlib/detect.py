@@ -803,7 +803,8 @@ def evaluate(
     dict
         ``precision@t``, ``recall@t``, ``f1@t``, ``tp@t``, ``fp@t``, ``fn@t`` per threshold;
         ``diameter_error`` (mean ``|d_pred - d_true| / d_true`` over pairs matched at the
-        first threshold; diameter = mean box side) and ``diameter_bias`` (signed mean);
+        first threshold; diameter = mean box side) and ``diameter_bias`` (signed mean),
+        the matched ``diameters_pred`` and ``diameters_true`` (px);
         with calibrations, ``swelling_error`` (mean absolute difference of swelling %,
         spheres of those diameters) and per-image ``swelling_pred``, ``swelling_true``.
     """
@@ -822,15 +823,15 @@ def evaluate(
         out[f"precision@{t}"], out[f"recall@{t}"] = prec, rec
         out[f"f1@{t}"] = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
         out[f"tp@{t}"], out[f"fp@{t}"], out[f"fn@{t}"] = tp, fp, fn
-    rel = []
+    dps, dgs = [np.zeros(0)], [np.zeros(0)]
     for p, g in zip(preds, truths, strict=True):
         m = match(p, g, iou_thresholds[0])
         if len(m["matches"]):
             bp, bg = _xyxy(p)[m["matches"][:, 0]], _xyxy(g)[m["matches"][:, 1]]
-            dp = (bp[:, 2] - bp[:, 0] + bp[:, 3] - bp[:, 1]) / 2
-            dg = (bg[:, 2] - bg[:, 0] + bg[:, 3] - bg[:, 1]) / 2
-            rel.append((dp - dg) / dg)
-    rel = np.concatenate(rel) if rel else np.zeros(0)
+            dps.append((bp[:, 2] - bp[:, 0] + bp[:, 3] - bp[:, 1]) / 2)
+            dgs.append((bg[:, 2] - bg[:, 0] + bg[:, 3] - bg[:, 1]) / 2)
+    out["diameters_pred"], out["diameters_true"] = np.concatenate(dps), np.concatenate(dgs)
+    rel = (out["diameters_pred"] - out["diameters_true"]) / np.maximum(out["diameters_true"], 1e-9)
     out["diameter_error"] = float(np.mean(np.abs(rel))) if len(rel) else float("nan")
     out["diameter_bias"] = float(np.mean(rel)) if len(rel) else float("nan")
     if nm_per_px is not None and thickness_nm is not None and image_shapes is not None:
