@@ -114,7 +114,8 @@ def read_image(path: str | Path) -> np.ndarray:
                 a = np.asarray(im)
             else:
                 a = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ImportError, ValueError) as e:
+        # ImportError: ultralytics patches PIL.Image.open to try pi_heif on unknown files
         raise ValueError(
             f"Cannot read image {path.name!r} ({e}); expected a PNG/JPEG/TIFF image"
         ) from None

@@ -193,10 +193,12 @@ def tiny_detector(tmp_path_factory):
         edge_fraction=0.0,
         max_overlap=0.0,
     )
-    cv.generate_dataset(48, root / "gen", cfg, rng=1, progress=False)
+    cv.generate_dataset(64, root / "gen", cfg, rng=1, progress=False)
     imgs, labs, _ = cv.load_dataset(root / "gen")
     y = detect.write_yolo_dataset(imgs, labs, root / "ds", val_fraction=0.2, rng=0)
-    w = detect.train(y, root / "model", imgsz=128, epochs=12, batch=8, mosaic=0.0, workers=0)
+    w = detect.train(
+        y, root / "model", imgsz=128, epochs=15, batch=4, mosaic=0.0, workers=0, warmup_epochs=1
+    )
     return w, cfg, root
 
 
@@ -204,9 +206,10 @@ def test_detector_finds_large_cavities(tiny_detector, tmp_path):
     w, cfg, root = tiny_detector
     test = [cv.generate_image(100 + i, cfg) for i in range(6)]
     det = detect.load_detector(w)
-    preds = det.predict([t["image"] for t in test], conf=0.2)
+    preds = det.predict([t["image"] for t in test], conf=0.1)
     ev = detect.evaluate(preds, [t["boxes"] for t in test], iou_thresholds=(0.3,))
-    assert ev["recall@0.3"] >= 0.6, ev
+    # about 200 iterations from scratch: most large cavities found, few false alarms
+    assert ev["recall@0.3"] >= 0.5 and ev["precision@0.3"] >= 0.5, ev
 
 
 def test_cli_detect_writes_tables(tiny_detector, tmp_path):
