@@ -594,6 +594,24 @@ def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
+def _pad_to(frame: np.ndarray, size: int) -> np.ndarray:
+    """Pad a grey frame (M, N) at the bottom/right with its median up to ``size`` px per side."""
+    h, w = frame.shape
+    if h >= size and w >= size:
+        return frame
+    out = np.full((max(h, size), max(w, size)), np.median(frame), dtype=frame.dtype)
+    out[:h, :w] = frame
+    return out
+
+
+def _clip_boxes(b: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Predictions (K, 6) clipped to a frame of ``shape`` (M, N); boxes outside it dropped."""
+    b = b[(b[:, 0] < shape[1]) & (b[:, 1] < shape[0])].copy()
+    b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, shape[1])
+    b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, shape[0])
+    return b
+
+
 class Detector:
     """A loaded YOLO detector (PyTorch, OpenVINO or ONNX) with grey-image handling.
 
@@ -616,8 +634,12 @@ class Detector:
         self, frames: list[np.ndarray], conf: float, iou: float, batch: int
     ) -> list[np.ndarray]:
         out = []
+        # models trained at native pixel scale (metadata "native_scale", the in-situ model):
+        # pad frames smaller than imgsz instead of letting ultralytics enlarge them
+        native = bool(self.metadata.get("native_scale"))
         for i in range(0, len(frames), batch):
-            chunk = [f[..., None] for f in frames[i : i + batch]]
+            part = frames[i : i + batch]
+            chunk = [(_pad_to(f, self.imgsz) if native else f)[..., None] for f in part]
             res = self.model.predict(
                 chunk,
                 conf=conf,
@@ -627,7 +649,10 @@ class Detector:
                 verbose=False,
                 max_det=1000,
             )
-            out += [r.boxes.data.cpu().numpy().astype(float).reshape(-1, 6) for r in res]
+            got = [r.boxes.data.cpu().numpy().astype(float).reshape(-1, 6) for r in res]
+            if native:  # drop boxes in the padding, clip the rest to the frame
+                got = [_clip_boxes(b, f.shape) for b, f in zip(got, part, strict=True)]
+            out += got
         return out
 
     def predict(
