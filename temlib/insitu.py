@@ -566,8 +566,8 @@ def simulate_frames(
     n: int,
     shape: tuple[int, int] = (384, 384),
     nm_per_px: float | tuple[float, float] = (0.25, 0.9),
-    density_per_um2: tuple[float, float] = (50.0, 1500.0),
-    diameter_nm: tuple[float, float] = (5.0, 16.0),
+    density_per_um2: tuple[float, float] = (100.0, 5000.0),
+    diameter_nm: tuple[float, float] = (3.0, 12.0),
     dot_max_nm: float = 5.0,
     rng=None,
     show_progressbar: bool = False,
@@ -807,3 +807,79 @@ def write_frames(frames: np.ndarray, out_dir, prefix: str = "frame", fmt: str = 
         )
         os.replace(tmp, dst)
     return out
+
+
+def crop_tiles(
+    images: list[np.ndarray], boxes: list[np.ndarray], size: int = 256, min_visible: float = 0.5
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Cut labelled images into ``size`` px tiles (grid, the last tile flush with the edge).
+
+    A box is kept in a tile, clipped, when at least ``min_visible`` of its area lies inside.
+
+    Returns
+    -------
+    tiles, tile_boxes
+        (size, size) tiles (smaller where the image is) and their (K, 5) boxes.
+    """
+    if size < 32:
+        raise ValueError(f"size must be at least 32 px, got {size!r}")
+    tiles, out = [], []
+    for img, b in zip(images, boxes, strict=True):
+        b = np.asarray(b, float).reshape(-1, 5)
+        h, w = img.shape[:2]
+        ys = sorted({*range(0, max(h - size, 0) + 1, size), max(h - size, 0)})
+        xs = sorted({*range(0, max(w - size, 0) + 1, size), max(w - size, 0)})
+        area = np.prod(np.clip(b[:, 3:5] - b[:, 1:3], 1e-9, None), axis=1)
+        for y0 in ys:
+            for x0 in xs:
+                c = b.copy()
+                c[:, [1, 3]] = np.clip(c[:, [1, 3]] - x0, 0, min(size, w - x0))
+                c[:, [2, 4]] = np.clip(c[:, [2, 4]] - y0, 0, min(size, h - y0))
+                inside = np.prod(np.clip(c[:, 3:5] - c[:, 1:3], 0, None), axis=1)
+                tiles.append(img[y0 : y0 + size, x0 : x0 + size])
+                out.append(c[inside >= min_visible * area])
+    return tiles, out
+
+
+def real_labelled_split(root=None) -> dict:
+    """Fixed train / held-out split of the real labelled frames, for fine-tuning and scoring.
+
+    316L (creme): odd-numbered frames of 1..16 and the left half of the 1024 px test frame
+    train, the even-numbered frames and the right half are held out. FeCrAl: images in name
+    order alternate train / held out.
+
+    Returns
+    -------
+    dict
+        ``{"train": (images, boxes), "316L": (images, boxes, names),
+        "FeCrAl": (images, boxes, names)}``; the last two are the held-out sets.
+    """
+    ci, cb, cn = read_creme_316l(None if root is None else Path(root) / "insitu" / "creme_316L")
+    fi, fb, fn = read_fecral_labelled(
+        None if root is None else Path(root) / "defects" / "fecral_multitype_valset"
+    )
+    train_i, train_b, ev_i, ev_b, ev_n = [], [], [], [], []
+    for k, (im, b, n) in enumerate(zip(ci[:-1], cb[:-1], cn[:-1], strict=True)):
+        (train_i if k % 2 == 0 else ev_i).append(im)
+        (train_b if k % 2 == 0 else ev_b).append(b)
+        if k % 2:
+            ev_n.append(n)
+    big, bb = ci[-1], cb[-1]
+    half = big.shape[1] // 2
+    cx = (bb[:, 1] + bb[:, 3]) / 2
+    lb, rb = bb[cx < half].copy(), bb[cx >= half].copy()
+    lb[:, 3] = np.minimum(lb[:, 3], half)
+    rb[:, [1, 3]] = np.maximum(rb[:, [1, 3]] - half, 0)
+    left, right = big[:, :half], big[:, half:]
+    train_i.append(left)
+    train_b.append(lb)
+    ev_i.append(right)
+    ev_b.append(rb)
+    ev_n.append(cn[-1] + " (right half)")
+    f_tr = [k for k in range(len(fi)) if k % 2 == 0]
+    f_ev = [k for k in range(len(fi)) if k % 2 == 1]
+    return {
+        "train": (train_i + [fi[k] for k in f_tr], train_b + [fb[k] for k in f_tr]),
+        "316L": (ev_i, ev_b, ev_n),
+        "FeCrAl": ([fi[k] for k in f_ev], [fb[k] for k in f_ev], [fn[k] for k in f_ev]),
+    }

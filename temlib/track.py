@@ -72,6 +72,7 @@ def train_detector(
     export_format: str | None = "openvino",
     extra_images: list[np.ndarray] | None = None,
     extra_boxes: list[np.ndarray] | None = None,
+    extra_repeat: int = 2,
     rng=None,
     **train_kwargs,
 ) -> Path:
@@ -94,7 +95,8 @@ def train_detector(
     export_format
         ``"openvino"``, ``"onnx"`` or None (no export).
     extra_images, extra_boxes
-        Optional real labelled frames ``(M, N)`` with ``(K, 5)`` boxes added to training.
+        Optional real labelled frames ``(M, N)`` with ``(K, 5)`` boxes, cut into tiles of
+        the training size and added ``extra_repeat`` times to the training set.
     rng
         Seed or generator.
 
@@ -107,7 +109,8 @@ def train_detector(
     out_dir = Path(out_dir)
     images, boxes, _ = insitu.simulate_frames(n_images, shape, rng=rng)
     if extra_images:
-        images, boxes = images + list(extra_images), boxes + list(extra_boxes)
+        tiles, tboxes = insitu.crop_tiles(extra_images, extra_boxes, size=max(shape))
+        images, boxes = images + tiles * extra_repeat, boxes + tboxes * extra_repeat
     ds = detect.write_yolo_dataset(
         images,
         boxes,
@@ -117,6 +120,9 @@ def train_detector(
         class_names=insitu.CLASS_NAMES,
     )
     seed = int(rng.integers(0, 2**31 - 1))
+    # few iterations on a CPU: step the optimiser every batch (no accumulation), short warm-up
+    kw = dict(nbs=batch, warmup_epochs=1.0, optimizer="AdamW", lr0=0.002)
+    kw.update(train_kwargs)
     best = detect.train(
         ds,
         out_dir,
@@ -127,12 +133,13 @@ def train_detector(
         seed=seed,
         nm_per_px=None,
         description=f"{n_images} synthetic in-situ frames {shape} (temlib.insitu.simulate_frames)"
-        + (f" + {len(extra_images)} real frames" if extra_images else ""),
-        **train_kwargs,
+        + (f" + tiles of {len(extra_images)} real frames x{extra_repeat}" if extra_images else ""),
+        **kw,
     )
     meta_path = out_dir / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    meta.update({"train_imgsz": int(train_imgsz), "imgsz": int(infer_imgsz)})
+    # trained at native pixel scale: detect pads smaller frames instead of enlarging them
+    meta.update({"train_imgsz": int(train_imgsz), "imgsz": int(infer_imgsz), "native_scale": True})
     tmp = meta_path.with_name(".metadata.json.tmp")
     tmp.write_text(json.dumps(meta, indent=2, default=float))
     os.replace(tmp, meta_path)
@@ -637,19 +644,17 @@ def growth_rates(tracks: pd.DataFrame, min_frames: int = 5) -> pd.DataFrame:
                 "cls": int(d.cls.mode().iloc[0]),
             }
         )
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "track_id",
-            "first_frame",
-            "last_frame",
-            "n_frames",
-            "diameter_start",
-            "diameter_end",
-            "rate_per_s",
-            "cls",
-        ],
-    )
+    types = {
+        "track_id": int,
+        "first_frame": int,
+        "last_frame": int,
+        "n_frames": int,
+        "diameter_start": float,
+        "diameter_end": float,
+        "rate_per_s": float,
+        "cls": int,
+    }
+    return pd.DataFrame(rows, columns=list(types)).astype(types)
 
 
 def density_vs_dose(
@@ -1261,4 +1266,6 @@ def frame_scrubber(frames, tracks: pd.DataFrame, tail: int = 20):
         plot_tracks(img, tracks, frame, ax=ax, tail=tail)
         plt.show()
 
-    return widgets.interact(show, frame=widgets.IntSlider(0, 0, len(frames) - 1, 1, continuous_update=False))
+    return widgets.interact(
+        show, frame=widgets.IntSlider(0, 0, len(frames) - 1, 1, continuous_update=False)
+    )

@@ -287,3 +287,23 @@ def test_cli_track_empty_folder(tiny_model, tmp_path, capsys):
         ]
     )
     assert rc == 2 and "No frames" in capsys.readouterr().err
+
+
+def test_native_scale_model_pads_small_frames(tiny_model):
+    """The in-situ model runs at native pixel scale: small frames are padded, not enlarged."""
+    from temlib import detect
+
+    det = detect.load_detector(tiny_model)
+    det.metadata["native_scale"], det.imgsz = True, 256
+    seen = []
+    real_predict = det.model.predict
+
+    def spy(chunk, **kw):
+        seen.extend(c.shape for c in chunk)
+        return real_predict(chunk, **kw)
+
+    det.model.predict = spy
+    frame = np.full((100, 140), 120, np.uint8)
+    b = det.predict(frame, conf=0.01)[0]
+    assert seen == [(256, 256, 1)]
+    assert len(b) == 0 or ((b[:, 2] <= 140).all() and (b[:, 3] <= 100).all())

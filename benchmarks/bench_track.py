@@ -1,0 +1,71 @@
+"""Speed of detection + tracking on 1024 x 1024 in-situ frames (target >= 25 frames/s on 2 cores).
+
+Times ``temlib.track.track_frames`` (grey conversion, YOLO detection, linking) frame by frame
+on a synthetic 1024 px video, median over frames after a warm-up, for each model file of the
+in-situ model folder: the exported model (OpenVINO / ONNX) against PyTorch ``best.pt`` (the
+peer, measured in the same run). Threads: ``TEMLIB_THREADS`` (default: all cores).
+
+Usage: python benchmarks/bench_track.py [MODEL_DIR] [--frames N]
+(default MODEL_DIR: data/models/insitu, trained by notebook 07's default profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from temlib import _runtime, detect, insitu, track
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir", nargs="?", default=str(detect.default_model_dir("insitu")))
+    ap.add_argument("--frames", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=5)
+    args = ap.parse_args(argv)
+    from pathlib import Path
+
+    folder = Path(args.model_dir)
+    files = detect.model_files(folder)
+    if not files:
+        print(f"no model in {folder}: run notebook 07 (default profile) first", file=sys.stderr)
+        return 1
+    video = insitu.simulate_video(
+        args.frames + args.warmup,
+        (1024, 1024),
+        nucleation_per_nm2_dpa=0.01,
+        with_masks=False,
+        rng=0,
+    )
+    n_true = video.truth.groupby("frame").size().median()
+    rows = []
+    for kind in ("openvino", "onnx", "pt"):
+        if kind not in files:
+            continue
+        det = detect.load_detector(files[kind])
+        det.metadata = detect.load_detector(folder).metadata
+        det.imgsz = int(det.metadata.get("imgsz", det.imgsz))
+        timings: list[float] = []
+        track.track_frames(video.frames, det, conf=0.25, timings=timings, progress=False)
+        t = np.array(timings[args.warmup :])
+        rows.append((kind, files[kind].name, np.median(t) * 1000, np.percentile(t, 90) * 1000))
+    print(
+        f"detection + linking, {args.frames} frames 1024x1024 (median {n_true:.0f} defects/frame), "
+        f"{_runtime.n_threads()} threads, imgsz {det.imgsz}"
+    )
+    peer = next((r for r in rows if r[0] == "pt"), None)
+    print(
+        f"{'model':<10} {'file':<24} {'median ms':>10} {'p90 ms':>8} {'frames/s':>9} {'vs pt':>7}"
+    )
+    for kind, name, med, p90 in rows:
+        ratio = f"{peer[2] / med:6.1f}x" if peer else "   n/a"
+        print(f"{kind:<10} {name:<24} {med:10.1f} {p90:8.1f} {1000 / med:9.1f} {ratio:>7}")
+    best = min(r[2] for r in rows)
+    print(f"target >= 25 frames/s: {'met' if 1000 / best >= 25 else 'NOT met'} ({1000 / best:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
