@@ -1,0 +1,1968 @@
+"""Per-phase orientation regression from polar descriptors, and the online ML / hybrid indexer.
+
+Regression
+    One network per phase (found by AutoKeras architecture search, :func:`search`) maps a
+    pattern's polar intensity descriptor (:mod:`temlib.descriptors`, (n_r, n_theta) over
+    azimuth [0, 180)) to its orientation. Euler angles are what people read but a bad
+    target: crystal symmetry makes 24 (cubic) Euler triplets describe one orientation and
+    the angles wrap around. The network instead outputs the continuous 6D representation
+    (the first two columns of the rotation matrix, Gram-Schmidt orthonormalised, Zhou et
+    al. CVPR 2019) and is trained with :class:`SymmetricRotationLoss`, the chordal distance
+    to the *nearest* of the symmetry-equivalent true orientations ``S R`` and their beam
+    flips ``S R Rz(180)`` (kinematic patterns of ``R`` and ``R Rz(180)`` are identical).
+    Predictions are reported as orix orientations reduced to the fundamental zone (Bunge
+    Euler angles through orix). :func:`train_euler_baseline` trains the same architecture
+    on raw Euler angles with a mean squared error, to measure what the symmetry-aware
+    target buys.
+Training data
+    :func:`synthetic_set` draws orientations uniformly over SO(3), computes kinematic spots
+    with randomised relrod width, intensity compression, per-reflection intensity noise,
+    spot drop-out and spot width (domain randomisation, so the regressor does not learn
+    one simulator's look), draws the descriptors with :func:`temlib.descriptors.template_descriptors`
+    and adds in-plane rotations as circular shifts of the descriptor (label ``R Rz(-phi)``).
+    :func:`real_set` takes descriptors of real patterns from the training maps with labels
+    from the ground truth (synthetic maps) or a reference indexing; :func:`fine_tune`
+    continues training on them (mixed with synthetic data so the rest of the fundamental
+    zone is not forgotten).
+Online indexing
+    :func:`index_patterns` runs the per-pattern pipeline: phase from the classifier
+    (:mod:`temlib.classify`) or given, then the phase's branch: ``"ml"`` (the regressor),
+    ``"tm"`` (full template matching, :mod:`temlib.match`) or ``"hybrid"``
+    (:func:`hybrid_refine`: the regressor's beam direction picks the few templates near it,
+    FFT correlation finds the in-plane angle and the best of them, and patterns whose
+    local match is unreliable fall back to the full search). :func:`index_map` indexes a
+    map read by :mod:`temlib.io` into an orix ``CrystalMap``; :func:`index_stream` indexes
+    patterns as they arrive (a Python iterator, a folder of chunk files, a growing raw
+    frame file) and calls back with the partial map (a live notebook display:
+    :func:`live_display`).
+
+A fast front end (:func:`fast_descriptors`) computes the same descriptors as
+:func:`temlib.descriptors.pattern_descriptors` (checked in the tests) with a precomputed
+sparse polar operator and a vectorised direct-beam finder, so that the ML branch is not
+limited by the descriptor.
+
+Conventions as :mod:`temlib.match`: a rotation maps sample to crystal; the beam is the
+sample z axis; a template turned by ``phi`` about the beam is ``R_template Rz(-phi)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from orix.quaternion import Orientation, Rotation
+
+from . import crystal, descriptors, paths
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ml", "hybrid", "tm")
+TARGETS = ("6d", "euler")
+MODEL_FILE = "model.keras"
+METADATA_FILE = "regressor.json"
+RZ180 = np.array([0.0, 0.0, 0.0, 1.0])
+
+
+# --------------------------------------------------------------------------------------
+# Rotation representations (numpy)
+# --------------------------------------------------------------------------------------
+
+
+def quaternions_to_matrices(q: np.ndarray) -> np.ndarray:
+    """(N, 4) unit quaternions (w, x, y, z) -> (N, 3, 3) rotation matrices."""
+    q = np.asarray(q, float).reshape(-1, 4)
+    return Rotation(q).to_matrix().reshape(-1, 3, 3)
+
+
+def matrices_to_quaternions(m: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) rotation matrices -> (N, 4) unit quaternions with w >= 0."""
+    q = Rotation.from_matrix(np.asarray(m, float).reshape(-1, 3, 3)).data
+    return q * np.where(q[:, :1] < 0, -1, 1)
+
+
+def to_6d(q: np.ndarray) -> np.ndarray:
+    """(N, 4) quaternions -> (N, 6) continuous representation: matrix columns 0 and 1."""
+    m = quaternions_to_matrices(q)
+    return np.concatenate([m[:, :, 0], m[:, :, 1]], axis=1).astype(np.float32)
+
+
+def from_6d(x: np.ndarray) -> np.ndarray:
+    """(N, 6) -> (N, 3, 3) rotation matrices by Gram-Schmidt (columns b1, b2, b1 x b2)."""
+    x = np.asarray(x, float).reshape(-1, 6)
+    a1, a2 = x[:, :3], x[:, 3:]
+    b1 = a1 / np.maximum(np.linalg.norm(a1, axis=1, keepdims=True), 1e-12)
+    b2 = a2 - (b1 * a2).sum(1, keepdims=True) * b1
+    b2 /= np.maximum(np.linalg.norm(b2, axis=1, keepdims=True), 1e-12)
+    return np.stack([b1, b2, np.cross(b1, b2)], axis=2)
+
+
+def qmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product of (..., 4) quaternions, broadcasting."""
+    from . import match
+
+    return match._qmul(np.asarray(a, float), np.asarray(b, float))
+
+
+def rz(angle_deg: np.ndarray) -> np.ndarray:
+    """(..., 4) quaternions of rotations by ``angle_deg`` (deg) about the beam (z)."""
+    a = np.radians(np.asarray(angle_deg, float)) / 2
+    z = np.zeros_like(a)
+    return np.stack([np.cos(a), z, z, np.sin(a)], axis=-1)
+
+
+def proper_symmetry(phase) -> np.ndarray:
+    """(S, 4) proper rotations of the Laue group of ``phase`` (name or orix Phase)."""
+    from . import match
+
+    return match.proper_symmetry(crystal.get_phase(phase) if isinstance(phase, str) else phase)
+
+
+def equivalent_transforms(phase, flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Left and right matrices of every orientation equivalent to ``R``: ``L_k R F_k``.
+
+    ``L`` runs over the proper symmetry rotations of the crystal, ``F`` over the identity
+    and (``flip``) the half turn about the beam.
+
+    Returns
+    -------
+    left, right
+        (K, 3, 3) each, K = S (x 2 with the flip).
+    """
+    s = quaternions_to_matrices(proper_symmetry(phase))
+    flips = [np.eye(3)] + ([quaternions_to_matrices(RZ180[None])[0]] if flip else [])
+    left = np.concatenate([s for _ in flips])
+    right = np.concatenate([np.repeat(f[None], len(s), axis=0) for f in flips])
+    return left.astype(np.float32), right.astype(np.float32)
+
+
+def disorientation_deg(
+    q1: np.ndarray, q2: np.ndarray, phase, modulo_flip: bool = False
+) -> np.ndarray:
+    """(N,) disorientation (deg) between (N, 4) orientations under the phase's proper symmetry."""
+    from . import match
+
+    return match.misorientation_deg(q1, q2, proper_symmetry(phase), modulo_flip=modulo_flip)
+
+
+def reduce_to_fundamental_zone(q: np.ndarray, phase) -> Orientation:
+    """orix ``Orientation`` of (N, 4) quaternions with the phase's symmetry, in the fundamental zone."""
+    ph = crystal.get_phase(phase) if isinstance(phase, str) else phase
+    return Orientation(
+        np.asarray(q, float).reshape(-1, 4), symmetry=ph.point_group
+    ).map_into_symmetry_reduced_zone()
+
+
+def euler_targets(q: np.ndarray, phase) -> np.ndarray:
+    """(N, 3) Bunge Euler angles (rad) of the fundamental-zone representatives (the naive target)."""
+    return reduce_to_fundamental_zone(q, phase).to_euler().astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# The symmetry-aware loss (Keras)
+# --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _loss_class():
+    keras = _keras()
+
+    @keras.saving.register_keras_serializable(package="temlib")
+    class SymmetricRotationLoss(keras.losses.Loss):
+        """Chordal distance from the predicted rotation to the nearest equivalent true one.
+
+        ``y_true`` and ``y_pred`` are (B, 6) (:func:`to_6d`); both are turned into rotation
+        matrices by Gram-Schmidt; the loss is ``min_k sqrt(|P - L_k R F_k|_F^2 + eps)``
+        (``= 2 sqrt(2) sin(theta_k / 2)``, about ``1.41 theta`` for small angles) over the
+        K equivalent transforms (:func:`equivalent_transforms`). It is zero when the
+        prediction is any symmetry-equivalent (or beam-flipped) copy of the truth.
+        """
+
+        def __init__(
+            self, left=None, right=None, eps: float = 1e-6, name="symmetric_rotation_loss", **kwargs
+        ):
+            super().__init__(name=name, **kwargs)
+            self.left_list = np.asarray(
+                left if left is not None else np.eye(3)[None], np.float32
+            ).tolist()
+            self.right_list = np.asarray(
+                right if right is not None else np.eye(3)[None], np.float32
+            ).tolist()
+            self.eps = float(eps)
+            self._left = np.asarray(self.left_list, np.float32)
+            self._right = np.asarray(self.right_list, np.float32)
+
+        def call(self, y_true, y_pred):
+            ops = keras.ops
+            p = _gram_schmidt(ops, y_pred)
+            r = _gram_schmidt(ops, ops.cast(y_true, y_pred.dtype))
+            left = ops.convert_to_tensor(self._left, dtype=y_pred.dtype)
+            right = ops.convert_to_tensor(self._right, dtype=y_pred.dtype)
+            c = ops.einsum("kil,blm,kmj->bkij", left, r, right)  # (B, K, 3, 3) equivalents
+            tr = ops.einsum("bij,bkij->bk", p, c)
+            d2 = ops.maximum(6.0 - 2.0 * ops.max(tr, axis=1), 0.0)
+            return ops.sqrt(d2 + self.eps)
+
+        def get_config(self):
+            return {
+                **super().get_config(),
+                "left": self.left_list,
+                "right": self.right_list,
+                "eps": self.eps,
+            }
+
+    return SymmetricRotationLoss
+
+
+def _gram_schmidt(ops, x):
+    a1, a2 = x[:, :3], x[:, 3:6]
+    b1 = a1 / ops.sqrt(ops.sum(a1 * a1, axis=1, keepdims=True) + 1e-12)
+    b2 = a2 - ops.sum(b1 * a2, axis=1, keepdims=True) * b1
+    b2 = b2 / ops.sqrt(ops.sum(b2 * b2, axis=1, keepdims=True) + 1e-12)
+    b3 = ops.cross(b1, b2)
+    return ops.stack([b1, b2, b3], axis=2)
+
+
+def symmetric_loss(phase, flip: bool = True, eps: float = 1e-6):
+    """A :class:`SymmetricRotationLoss` for ``phase`` (name or orix Phase)."""
+    left, right = equivalent_transforms(phase, flip)
+    return _loss_class()(left=left, right=right, eps=eps)
+
+
+def _keras():
+    from . import _runtime
+
+    return _runtime.keras()
+
+
+# --------------------------------------------------------------------------------------
+# Fast front end: raw patterns -> descriptors
+# --------------------------------------------------------------------------------------
+
+
+def fast_direct_beam(
+    patterns: np.ndarray, radius: float | None = None, window: int = 5
+) -> np.ndarray:
+    """Direct-beam centre (row, col) px of (N, ky, kx) patterns, vectorised.
+
+    The same recipe as :func:`temlib.io.find_direct_beam` (Gaussian blur of 3 px, maximum
+    within ``radius`` of the middle, centroid of the pixels above half height in a
+    ``2 window + 1`` box) without a per-pattern Python loop; the background level is the
+    median of a strided subsample of the pattern.
+    """
+    from scipy import ndimage
+
+    p = np.asarray(patterns, np.float32)
+    n, ky, kx = p.shape
+    radius = min(ky, kx) / 4 if radius is None else radius
+    r_lo, r_hi = max(int(ky / 2 - radius), 0), min(int(np.ceil(ky / 2 + radius)) + 1, ky)
+    c_lo, c_hi = max(int(kx / 2 - radius), 0), min(int(np.ceil(kx / 2 + radius)) + 1, kx)
+    m = 9  # margin so the blur inside the search box is exact
+    sub = p[:, max(r_lo - m, 0) : min(r_hi + m, ky), max(c_lo - m, 0) : min(c_hi + m, kx)]
+    sm = ndimage.gaussian_filter(sub, sigma=(0, 3, 3), truncate=3.0)
+    o_r, o_c = max(r_lo - m, 0), max(c_lo - m, 0)
+    rr, cc = np.mgrid[o_r : o_r + sub.shape[1], o_c : o_c + sub.shape[2]]
+    mask = (rr - ky / 2) ** 2 + (cc - kx / 2) ** 2 <= radius**2
+    flat = np.where(mask, sm, -np.inf).reshape(n, -1).argmax(axis=1)
+    r0, c0 = np.unravel_index(flat, sm.shape[1:])
+    r0, c0 = r0 + o_r, c0 + o_c
+    d = np.arange(-window, window + 1)
+    gr = np.clip(r0[:, None] + d[None], 0, ky - 1)
+    gc = np.clip(c0[:, None] + d[None], 0, kx - 1)
+    win = p[np.arange(n)[:, None, None], gr[:, :, None], gc[:, None, :]]  # (N, w, w)
+    lo = np.median(p[:, ::4, ::4].reshape(n, -1), axis=1)
+    thr = lo + 0.5 * (win.reshape(n, -1).max(axis=1) - lo)
+    wt = np.clip(win - thr[:, None, None], 0, None)
+    tot = wt.sum(axis=(1, 2))
+    ok = tot > 0
+    tot = np.where(ok, tot, 1)
+    row = np.where(ok, (wt.sum(axis=2) * gr).sum(axis=1) / tot, r0)
+    col = np.where(ok, (wt.sum(axis=1) * gc).sum(axis=1) / tot, c0)
+    return np.stack([row, col], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _polar_tables(calibration: float, settings: descriptors.DescriptorSettings, quant: int):
+    """Bilinear offsets and weights of the polar grid, one table per sub-pixel centre offset.
+
+    Returns
+    -------
+    dr, dc
+        (Q*Q, M) integer row / column offsets from the integer centre, M = n_r ov 2 n_theta 4.
+    w
+        (Q*Q, M) float32 weights (divided by ``oversample``, so summing the ov samples averages).
+    """
+    ov = max(int(settings.oversample), 1)
+    edges = np.linspace(settings.r_min, settings.r_max, settings.n_r * ov + 1)
+    r = 0.5 * (edges[1:] + edges[:-1]) / calibration
+    th = np.arange(2 * settings.n_theta) * np.pi / settings.n_theta
+    dy = (r[:, None] * np.sin(th)[None, :]).ravel()  # (n_r ov 2n_theta,) ordered (r, ov, theta)
+    dx = (r[:, None] * np.cos(th)[None, :]).ravel()
+    drs, dcs, ws = [], [], []
+    for a in range(quant):
+        for b in range(quant):
+            rows, cols = a / quant + dy, b / quant + dx
+            r0, c0 = np.floor(rows), np.floor(cols)
+            fr, fc = rows - r0, cols - c0
+            drs.append(np.stack([r0, r0 + 1, r0, r0 + 1], axis=-1).ravel())
+            dcs.append(np.stack([c0, c0, c0 + 1, c0 + 1], axis=-1).ravel())
+            w = np.stack([(1 - fr) * (1 - fc), fr * (1 - fc), (1 - fr) * fc, fr * fc], axis=-1)
+            ws.append((w / ov).ravel())
+    return (
+        np.asarray(drs, np.int32),
+        np.asarray(dcs, np.int32),
+        np.asarray(ws, np.float32),
+    )
+
+
+def fast_polar_transform(
+    patterns: np.ndarray,
+    calibration: float,
+    centers: np.ndarray,
+    settings: descriptors.DescriptorSettings,
+    quant: int = 8,
+) -> np.ndarray:
+    """:func:`temlib.descriptors.polar_transform` with precomputed bilinear tables.
+
+    The centre is split into an integer part and a sub-pixel part rounded to ``1 / quant``
+    px (at most ``0.5 / quant`` px off), so the bilinear offsets and weights are computed
+    once per calibration rather than once per pattern; samples off the frame read 0.
+
+    Returns
+    -------
+    (N, n_r, 2 n_theta) float32 over azimuth [0, 360).
+    """
+    p = np.asarray(patterns, np.float32)
+    n, ky, kx = p.shape
+    dr, dc, w = _polar_tables(float(calibration), settings, int(quant))
+    pad = int(max(np.abs(dr).max(), np.abs(dc).max())) + 1
+    c = np.asarray(centers, float).reshape(n, 2)
+    ci = np.floor(c).astype(np.int64)
+    frac = np.round((c - ci) * quant).astype(np.int64)
+    ci += frac // quant
+    frac %= quant
+    key = frac[:, 0] * quant + frac[:, 1]
+    pk = (ky + 2 * pad) * (kx + 2 * pad)
+    padded = np.zeros((n, ky + 2 * pad, kx + 2 * pad), np.float32)
+    padded[:, pad : pad + ky, pad : pad + kx] = p
+    flat = padded.reshape(-1)
+    kxp = kx + 2 * pad
+    out = np.empty((n, settings.n_r * 2 * settings.n_theta), np.float32)
+    ov = max(int(settings.oversample), 1)
+    for k in np.unique(key):
+        sel = np.flatnonzero(key == k)
+        rr = np.clip(ci[sel, 0:1] + pad + dr[k][None], 0, ky + 2 * pad - 1)
+        cc = np.clip(ci[sel, 1:2] + pad + dc[k][None], 0, kxp - 1)
+        vals = flat[sel[:, None] * pk + rr * kxp + cc] * w[k][None]
+        out[sel] = (
+            vals.reshape(len(sel), settings.n_r, ov, 2 * settings.n_theta, 4)
+            .sum(axis=(2, 4))
+            .reshape(len(sel), -1)
+        )
+    return out.reshape(n, settings.n_r, 2 * settings.n_theta)
+
+
+def fast_descriptors(
+    patterns: np.ndarray,
+    calibration: float,
+    centers: np.ndarray | None = None,
+    settings: descriptors.DescriptorSettings | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors of (N, ky, kx) raw patterns as :func:`temlib.descriptors.pattern_descriptors`, faster.
+
+    Returns
+    -------
+    desc
+        (N, n_r, n_theta) float32 descriptors.
+    centers
+        (N, 2) direct-beam centres (row, col) px used (found with :func:`fast_direct_beam`
+        when not given; reuse them for the classifier).
+    """
+    settings = descriptors.load_settings() if settings is None else settings
+    p = np.asarray(patterns)
+    if p.ndim != 3:
+        raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
+    if not calibration > 0:
+        raise ValueError(
+            f"Calibration {calibration!r} is not positive; expected 1/Å per px, e.g. 0.02"
+        )
+    if centers is None:
+        centers = fast_direct_beam(p)
+    centers = np.asarray(centers, float).reshape(len(p), 2)
+    p = descriptors.prefilter(p, calibration, settings)
+    polar = fast_polar_transform(p, calibration, centers, settings)
+    return descriptors.descriptors_from_polar(polar, settings), centers
+
+
+# --------------------------------------------------------------------------------------
+# Training data
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Randomization:
+    """Ranges of the domain randomisation of :func:`synthetic_set` (drawn per orientation).
+
+    Attributes
+    ----------
+    excitation
+        Relrod half-width range (1/Å), about 1 / thickness.
+    intensity_gamma
+        Spot intensities become ``I ** gamma`` (dynamical compression), gamma in this range.
+    intensity_noise
+        Log-normal sigma of a factor per spot.
+    spot_dropout
+        Fraction of spots removed at random.
+    sigma
+        Range of the drawn spot width (1/Å) (real spots are widened by the camera's PSF).
+    n_spots
+        Range of the number of strongest spots drawn.
+    template_gamma
+        Range of the spot-weight exponent of the drawing.
+    noise
+        Gaussian noise added to the descriptor (relative to its mean), before normalising.
+    precession_deg
+        Precession angles drawn uniformly in this range (deg).
+    """
+
+    excitation: tuple[float, float] = (0.025, 0.08)
+    intensity_gamma: tuple[float, float] = (0.5, 1.0)
+    intensity_noise: float = 0.3
+    spot_dropout: float = 0.1
+    sigma: tuple[float, float] = (0.015, 0.045)
+    n_spots: tuple[int, int] = (20, 80)
+    template_gamma: tuple[float, float] = (0.3, 0.8)
+    noise: float = 0.5
+    precession_deg: tuple[float, float] = (0.0, 1.0)
+
+
+def shift_augment(
+    desc: np.ndarray, q: np.ndarray, n_shifts: int = 1, rng=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane rotations as circular shifts of the descriptors, with their labels.
+
+    A descriptor shifted by ``k`` azimuth bins is the descriptor of the crystal turned by
+    ``phi = k * step`` about the beam, i.e. of orientation ``R Rz(-phi)``.
+
+    Parameters
+    ----------
+    desc
+        (N, n_r, n_theta) descriptors.
+    q
+        (N, 4) their orientations.
+    n_shifts
+        Random shifts per descriptor.
+
+    Returns
+    -------
+    (N n_shifts, n_r, n_theta) descriptors and (N n_shifts, 4) orientations.
+    """
+    rng = np.random.default_rng(rng)
+    desc = np.asarray(desc, np.float32)
+    n_theta = desc.shape[-1]
+    k = rng.integers(0, n_theta, size=(len(desc), n_shifts))
+    idx = (np.arange(n_theta)[None, None, :] - k[:, :, None]) % n_theta  # out[j] = in[j - k]
+    out = np.take_along_axis(
+        desc[:, None], idx[:, :, None, :].repeat(desc.shape[1], axis=2), axis=3
+    )
+    labels = qmul(np.asarray(q, float)[:, None], rz(-k * 180.0 / n_theta))
+    return out.reshape(-1, *desc.shape[1:]), labels.reshape(-1, 4)
+
+
+def synthetic_set(
+    phase: str,
+    n: int,
+    settings: descriptors.DescriptorSettings | None = None,
+    kv: float = 200.0,
+    randomization: Randomization | None = None,
+    n_shifts: int = 4,
+    batch: int = 512,
+    rng=None,
+    show_progressbar: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors of simulated patterns over the whole orientation space, with labels.
+
+    Orientations are uniform over SO(3) (so every part of the fundamental zone is covered
+    and the symmetric loss needs no reduction); each orientation's kinematic spots are
+    randomised (:class:`Randomization`) and drawn as a descriptor, then ``n_shifts``
+    in-plane rotations are added as circular shifts (:func:`shift_augment`).
+
+    Parameters
+    ----------
+    phase
+        Phase name.
+    n
+        Descriptors returned (``n / n_shifts`` orientations simulated).
+    settings
+        Descriptor settings (default the tuned ones).
+
+    Returns
+    -------
+    desc
+        (n, n_r, n_theta) float32.
+    q
+        (n, 4) orientations (sample -> crystal).
+    """
+    from tqdm.auto import tqdm
+
+    from . import simulate, synth
+
+    if n < 1:
+        raise ValueError(f"Training-set size {n!r} must be a positive number of descriptors")
+    settings = descriptors.load_settings() if settings is None else settings
+    rnd = randomization or Randomization()
+    rng = np.random.default_rng(rng)
+    n_orient = int(np.ceil(n / n_shifts))
+    refl = simulate.reflections(phase, g_max=float(settings.r_max + 3 * rnd.sigma[1]))
+    q = synth.random_quaternions(n_orient, rng)
+    out = np.empty((n_orient, *settings.shape), np.float32)
+    for a in tqdm(
+        range(0, n_orient, batch), desc=f"simulating {phase}", disable=not show_progressbar
+    ):
+        qb = q[a : a + batch]
+        m = len(qb)
+        exc = rng.uniform(*rnd.excitation, size=m)
+        prec = float(rng.uniform(*rnd.precession_deg))
+        xy, inten, _ = simulate.kinematic_spots(
+            refl,
+            Rotation(qb),
+            kv=kv,
+            max_excitation_error=exc,
+            precession_deg=prec,
+            max_spots=2 * rnd.n_spots[1],
+        )
+        g = rng.uniform(*rnd.intensity_gamma, size=(m, 1))
+        inten = np.where(inten > 0, inten, 0) ** g * np.exp(
+            rng.normal(0, rnd.intensity_noise, size=inten.shape)
+        )
+        inten = np.where(rng.random(inten.shape) < rnd.spot_dropout, 0, inten) * (inten > 0)
+        drawn = settings.replace(
+            sigma=float(rng.uniform(*rnd.sigma)),
+            n_spots=int(rng.integers(rnd.n_spots[0], rnd.n_spots[1] + 1)),
+            template_gamma=float(rng.uniform(*rnd.template_gamma)),
+        )
+        d = descriptors.template_descriptors(xy, inten, drawn)
+        if rnd.noise > 0:
+            mean = d.mean(axis=(1, 2), keepdims=True)
+            d = np.clip(
+                d
+                + rng.normal(0, 1, d.shape).astype(np.float32)
+                * rnd.noise
+                * mean
+                * rng.random((m, 1, 1)),
+                0,
+                None,
+            )
+            d = descriptors._finish(d, settings.zero_mean)
+        out[a : a + m] = d
+    desc, labels = shift_augment(out, q, n_shifts, rng)
+    return desc[:n], labels[:n]
+
+
+def real_set(
+    maps,
+    phase: str,
+    settings: descriptors.DescriptorSettings | None = None,
+    max_patterns: int | None = 4000,
+    min_weight: float = 0.999,
+    labels=None,
+    rng=None,
+    show_progressbar: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors of real patterns of one phase with their orientations, from indexed maps.
+
+    Parameters
+    ----------
+    maps
+        :class:`temlib.synth.SynthMap` objects (labels from their ground truth), or maps
+        read by :func:`temlib.io.load_map` together with ``labels``.
+    phase
+        Phase name; only its pixels are taken.
+    max_patterns
+        At most this many patterns over all maps (drawn at random), None for all.
+    min_weight
+        Only pixels whose pattern comes from one crystal (truth ``weight`` >= this).
+    labels
+        For real data: one orix ``CrystalMap`` per map (a reference indexing, e.g. template
+        matching or a commercial ACOM result read by :func:`temlib.io.load_labels`).
+
+    Returns
+    -------
+    (M, n_r, n_theta) descriptors and (M, 4) orientations.
+    """
+    from . import io
+
+    settings = descriptors.load_settings() if settings is None else settings
+    rng = np.random.default_rng(rng)
+    picks = []
+    for i, m in enumerate(maps):
+        if labels is None:
+            t = m.truth_arrays()
+            ok = (t["phase_id"] == crystal.STEEL_PHASES.index(phase)) & (t["weight"] >= min_weight)
+            q = t["quaternions"].reshape(-1, 4)
+            sig = m.load(lazy=True)
+        else:
+            xm = labels[i]
+            names = {pid: ph.name for pid, ph in xm.phases if pid >= 0}
+            ok = np.array([names.get(int(p)) == phase for p in xm.phase_id]).reshape(xm.shape)
+            q = xm.rotations.data.reshape(xm.size, -1, 4)[:, 0]
+            sig = m
+        idx = np.flatnonzero(ok.ravel())
+        picks.append((sig, idx, q[idx]))
+    total = sum(len(p[1]) for p in picks)
+    if total == 0:
+        return np.zeros((0, *settings.shape), np.float32), np.zeros((0, 4))
+    keep = np.ones(total, bool)
+    if max_patterns is not None and total > max_patterns:
+        keep[:] = False
+        keep[rng.choice(total, size=max_patterns, replace=False)] = True
+    descs, quats, start = [], [], 0
+    for sig, idx, q in picks:
+        k = keep[start : start + len(idx)]
+        start += len(idx)
+        idx, q = idx[k], q[k]
+        if len(idx) == 0:
+            continue
+        h, w = sig.data.shape[:2]
+        rr, cc = np.unravel_index(idx, (h, w))
+        data = sig.data
+        block = (
+            data.vindex[rr, cc].compute() if hasattr(data, "vindex") else np.asarray(data)[rr, cc]
+        )
+        d, _ = fast_descriptors(np.asarray(block), io.calibration_of(sig), None, settings)
+        descs.append(d)
+        quats.append(q)
+    return np.concatenate(descs), np.concatenate(quats)
+
+
+def canonicalize(desc: np.ndarray, smooth_bins: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Turn each descriptor about the beam so that its strongest azimuth sits at 0.
+
+    The azimuthal profile (sum over radii, smoothed circularly by ``smooth_bins``) is
+    located at its maximum with a parabola through the three bins around it, and the
+    descriptor is shifted back by that angle with an FFT phase ramp (sub-bin exact for the
+    band-limited descriptor). The regressor then sees in-plane-normalised inputs and
+    predicts ``R_c = R Rz(phi)``; the orientation is ``R = R_c Rz(-phi)``. Where two peaks
+    are about equally strong the choice may go either way; both are consistent (the
+    target turns with the input), which is all the network needs.
+
+    Parameters
+    ----------
+    desc
+        (N, n_r, n_theta) descriptors over azimuth [0, 180).
+
+    Returns
+    -------
+    canonical
+        (N, n_r, n_theta) float32.
+    phi
+        (N,) the angle (deg) removed.
+    """
+    from scipy import fft
+
+    d = np.asarray(desc, np.float32)
+    n_theta = d.shape[-1]
+    step = 180.0 / n_theta
+    prof = d.sum(axis=1)
+    f = fft.rfft(prof, axis=-1)
+    k = np.arange(f.shape[-1])
+    if smooth_bins > 0:
+        f = f * np.exp(-0.5 * (2 * np.pi * k / n_theta * smooth_bins) ** 2)
+    prof = fft.irfft(f, n=n_theta, axis=-1)
+    i0 = prof.argmax(axis=1)
+    rows = np.arange(len(d))
+    y0, y1, y2 = prof[rows, (i0 - 1) % n_theta], prof[rows, i0], prof[rows, (i0 + 1) % n_theta]
+    den = y0 - 2 * y1 + y2
+    delta = np.clip(np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1), 0.0), -0.5, 0.5)
+    shift = i0 + delta  # bins
+    fd = fft.rfft(d, axis=-1)
+    ramp = np.exp(2j * np.pi * k[None, :] * shift[:, None] / n_theta)[:, None, :]
+    canonical = fft.irfft(fd * ramp, n=n_theta, axis=-1).astype(np.float32)
+    return canonical, shift * step
+
+
+# --------------------------------------------------------------------------------------
+# Architecture search (AutoKeras)
+# --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _autokeras():
+    _keras()
+    import autokeras as ak
+
+    return ak
+
+
+@functools.cache
+def _circular_pad_class():
+    keras = _keras()
+
+    @keras.saving.register_keras_serializable(package="temlib")
+    class CircularPad(keras.layers.Layer):
+        """Pad (B, n_r, n_theta, C) circularly along azimuth (an in-plane turn wraps) and with zeros along radius."""
+
+        def __init__(self, pad_theta: int = 1, pad_r: int = 1, **kwargs):
+            super().__init__(**kwargs)
+            self.pad_theta = int(pad_theta)
+            self.pad_r = int(pad_r)
+
+        def call(self, x):
+            ops = keras.ops
+            p = self.pad_theta
+            if p:
+                x = ops.concatenate([x[:, :, -p:], x, x[:, :, :p]], axis=2)
+            if self.pad_r:
+                x = ops.pad(x, [[0, 0], [self.pad_r, self.pad_r], [0, 0], [0, 0]])
+            return x
+
+        def compute_output_shape(self, s):
+            return (
+                s[0],
+                None if s[1] is None else s[1] + 2 * self.pad_r,
+                None if s[2] is None else s[2] + 2 * self.pad_theta,
+                s[3],
+            )
+
+        def get_config(self):
+            return {**super().get_config(), "pad_theta": self.pad_theta, "pad_r": self.pad_r}
+
+    return CircularPad
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """The choices of the architecture search (a CPU-sized network on a 40 x 90 descriptor).
+
+    ``conv_blocks = 0`` is a plain multilayer perceptron on the flattened descriptor;
+    otherwise each block is a circularly padded convolution (+ batch norm, ReLU) and a
+    2x2 max pooling, then dense layers.
+    """
+
+    conv_blocks: tuple = (0, 2, 3)
+    filters: tuple = (16, 32)
+    kernel: tuple = (3, 5)
+    dense_layers: tuple = (1, 2)
+    dense_units: tuple = (256, 512)
+    dropout: tuple = (0.0, 0.1)
+    learning_rate: tuple = (1e-3, 3e-3)
+
+
+@functools.cache
+def _descriptor_block():
+    ak = _autokeras()
+    keras = _keras()
+    import tree
+
+    @keras.saving.register_keras_serializable(package="temlib")
+    class DescriptorBlock(ak.Block):
+        """A convolutional (circular along azimuth) or dense trunk for polar descriptors."""
+
+        def __init__(self, space: dict | None = None, **kwargs):
+            super().__init__(**kwargs)
+            self.space = dict(space or dataclasses.asdict(SearchSpace()))
+
+        def get_config(self):
+            return {**super().get_config(), "space": self.space}
+
+        def build(self, hp, inputs=None):
+            layers = keras.layers
+            sp = self.space
+            x = tree.flatten(inputs)[0]
+            if len(x.shape) == 3:
+                x = layers.Reshape((*x.shape[1:], 1))(x)
+            n_conv = _hp_choice(hp, "conv_blocks", sp["conv_blocks"])
+            if n_conv:
+                filters = _hp_choice(hp, "filters", sp["filters"])
+                k = _hp_choice(hp, "kernel", sp["kernel"])
+                for b in range(n_conv):
+                    x = _circular_pad_class()(pad_theta=k // 2, pad_r=k // 2)(x)
+                    x = layers.Conv2D(filters * 2**b, k, padding="valid", use_bias=False)(x)
+                    x = layers.BatchNormalization()(x)
+                    x = layers.ReLU()(x)
+                    x = layers.MaxPooling2D(2)(x)
+            x = layers.Flatten()(x)
+            units = _hp_choice(hp, "dense_units", sp["dense_units"])
+            drop = _hp_choice(hp, "dropout", sp["dropout"])
+            for _ in range(_hp_choice(hp, "dense_layers", sp["dense_layers"])):
+                x = layers.Dense(units, use_bias=False)(x)
+                x = layers.BatchNormalization()(x)
+                x = layers.ReLU()(x)
+                if drop:
+                    x = layers.Dropout(drop)(x)
+            return x
+
+    return DescriptorBlock
+
+
+def _hp_choice(hp, name, values):
+    values = list(values)
+    if len(values) == 1:
+        return values[0]
+    return hp.Choice(name, values, default=values[0])
+
+
+@dataclasses.dataclass
+class Regressor:
+    """A trained orientation regressor of one phase.
+
+    Attributes
+    ----------
+    model
+        Keras model: (N, n_r, n_theta) descriptors -> (N, 6) (``target="6d"``) or (N, 3)
+        Bunge Euler angles in rad (``target="euler"``, the naive baseline).
+    phase
+        Phase name.
+    settings
+        Descriptor settings of the inputs.
+    target
+        ``"6d"`` or ``"euler"``.
+    canonical
+        Inputs are turned to their strongest azimuth first (:func:`canonicalize`).
+    metadata
+        Training record (search, data, fine-tuning, timings), saved as JSON.
+    """
+
+    model: object
+    phase: str
+    settings: descriptors.DescriptorSettings
+    target: str = "6d"
+    canonical: bool = True
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    def predict_raw(self, desc: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Network outputs (N, 6 or 3) of (N, n_r, n_theta) descriptors."""
+        desc = np.asarray(desc, np.float32)
+        if desc.ndim != 3 or desc.shape[1:] != self.settings.shape:
+            raise ValueError(
+                f"Descriptors of shape {desc.shape} do not fit the regressor; expected (N, {self.settings.n_r}, {self.settings.n_theta})"
+            )
+        out = []
+        for a in range(0, len(desc), batch_size):
+            out.append(np.asarray(self.model(desc[a : a + batch_size], training=False)))
+        return (
+            np.concatenate(out)
+            if out
+            else np.zeros((0, 6 if self.target == "6d" else 3), np.float32)
+        )
+
+    def predict(self, desc: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """(N, 4) orientations (sample -> crystal) of (N, n_r, n_theta) descriptors, in the fundamental zone."""
+        desc = np.asarray(desc, np.float32)
+        phi = np.zeros(len(desc))
+        if self.canonical:
+            desc, phi = canonicalize(desc)
+        raw = self.predict_raw(desc, batch_size).astype(float)
+        if self.target == "euler":
+            q = Rotation.from_euler(raw).data
+        else:
+            q = matrices_to_quaternions(from_6d(raw))
+        return reduce_to_fundamental_zone(qmul(q, rz(-phi)), self.phase).data
+
+    def predict_orientation(self, desc: np.ndarray) -> Orientation:
+        """The same as an orix ``Orientation`` with the phase's symmetry (``.to_euler()`` for Bunge angles)."""
+        return reduce_to_fundamental_zone(self.predict(desc), self.phase)
+
+
+def search(
+    desc: np.ndarray,
+    q: np.ndarray,
+    phase: str,
+    settings: descriptors.DescriptorSettings | None = None,
+    val_fraction: float = 0.1,
+    max_trials: int = 3,
+    epochs: int = 8,
+    batch_size: int = 256,
+    space: SearchSpace | None = None,
+    tuner: str = "greedy",
+    directory: str | Path | None = None,
+    project_name: str | None = None,
+    overwrite: bool = False,
+    max_model_size: int = 3_000_000,
+    seed: int = 0,
+    verbose: int = 0,
+    canonical: bool = True,
+) -> Regressor:
+    """Find and train a regressor for ``phase`` with AutoKeras; resumable.
+
+    Parameters
+    ----------
+    desc, q
+        (N, n_r, n_theta) training descriptors and (N, 4) orientations (:func:`synthetic_set`).
+    phase
+        Phase name (its symmetry defines the loss).
+    val_fraction
+        Held-out fraction for the search objective (``val_loss``).
+    max_trials, epochs, batch_size
+        Search budget.
+    space
+        :class:`SearchSpace`.
+    tuner
+        ``"greedy"``, ``"bayesian"``, ``"random"`` or ``"hyperband"``.
+    directory, project_name
+        Where the trials go (default ``data/cache/regress/<phase>-<hash of data and settings>``);
+        with ``overwrite=False`` an interrupted search resumes from its finished trials.
+    """
+    valid = ("greedy", "bayesian", "random", "hyperband")
+    if tuner not in valid:
+        raise ValueError(f"Unknown tuner {tuner!r}; expected one of {valid}")
+    if max_trials < 1 or epochs < 1:
+        raise ValueError(
+            f"Search budget max_trials={max_trials!r}, epochs={epochs!r} is invalid; expected integers >= 1"
+        )
+    desc = np.asarray(desc, np.float32)
+    q = np.asarray(q, float)
+    if desc.ndim != 3 or len(desc) != len(q) or len(desc) < 10:
+        raise ValueError(
+            f"Training data of shapes {desc.shape} and {q.shape} is invalid; expected (N, n_r, n_theta) and (N, 4), N >= 10"
+        )
+    settings = descriptors.load_settings() if settings is None else settings
+    space = space or SearchSpace()
+    if canonical:
+        desc, phi = canonicalize(desc)
+        q = qmul(q, rz(phi))
+    ak = _autokeras()
+    keras = _keras()
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(desc))
+    n_val = max(1, int(round(val_fraction * len(desc))))
+    vi, ti = perm[:n_val], perm[n_val:]
+    y = to_6d(q)
+    run = dict(
+        canonical=canonical,
+        phase=phase,
+        max_trials=max_trials,
+        epochs=epochs,
+        batch_size=batch_size,
+        space=dataclasses.asdict(space),
+        tuner=tuner,
+        seed=seed,
+    )
+    digest = hashlib.sha1(
+        desc[:: max(1, len(desc) // 500)].tobytes() + q.tobytes()[:65536]
+    ).hexdigest()[:8]
+    key = hashlib.sha1(
+        json.dumps(
+            [run, digest, len(desc), settings.as_dict()], sort_keys=True, default=str
+        ).encode()
+    ).hexdigest()[:10]
+    directory = Path(directory) if directory is not None else paths.data_dir("cache") / "regress"
+    project_name = project_name or f"{phase}-{key}"
+    directory.mkdir(parents=True, exist_ok=True)
+    inp = ak.Input()
+    x = _descriptor_block()(space=dataclasses.asdict(space))(inp)
+    out = ak.RegressionHead(output_dim=6, loss=symmetric_loss(phase), metrics=[], dropout=0.0)(x)
+    from keras_tuner import HyperParameters
+
+    fixed = HyperParameters()  # AutoKeras' own optimizer choices, restricted to what trains here
+    fixed.Fixed("optimizer", "adam")
+    fixed.Choice("learning_rate", list(space.learning_rate), default=space.learning_rate[0])
+    state = np.random.get_state()  # noqa: NPY002 (AutoKeras seeds the global generator: restore it)
+    try:
+        am = ak.AutoModel(
+            inputs=inp,
+            outputs=out,
+            max_trials=max_trials,
+            tuner=tuner,
+            directory=str(directory),
+            project_name=project_name,
+            overwrite=overwrite,
+            objective="val_loss",
+            seed=seed,
+            max_model_size=max_model_size,
+            hyperparameters=fixed,
+            tune_new_entries=True,
+        )
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, min_delta=1e-4)
+    t0 = time.perf_counter()
+    am.fit(
+        desc[ti],
+        y[ti],
+        validation_data=(desc[vi], y[vi]),
+        epochs=epochs,
+        batch_size=batch_size,
+        callbacks=[stop],
+        verbose=verbose,
+    )
+    seconds = time.perf_counter() - t0
+    model = am.export_model()
+    trials = [
+        dict(trial_id=t.trial_id, val_loss=t.score, hp=dict(t.hyperparameters.values))
+        for t in am.tuner.oracle.get_best_trials(max_trials)
+    ]
+    reg = Regressor(model, phase, settings, "6d", canonical=False)
+    val_err = disorientation_deg(reg.predict(desc[vi]), q[vi], phase, modulo_flip=True)
+    reg.canonical = canonical
+    reg.metadata = dict(
+        phase=phase,
+        target="6d",
+        n_train=len(ti),
+        n_val=len(vi),
+        search=run | dict(seconds=seconds, directory=str(directory / project_name), trials=trials),
+        parameters=int(model.count_params()),
+        val_median_deg=float(np.median(val_err)),
+        settings=settings.as_dict(),
+        fine_tuned=False,
+        canonical=canonical,
+    )
+    return reg
+
+
+# --------------------------------------------------------------------------------------
+# Hybrid: the regressor seeds a local template-matching refinement
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LocalTemplates:
+    """One phase's templates arranged for local searches around a seed orientation.
+
+    Attributes
+    ----------
+    templates
+        The phase's :class:`temlib.match.PhaseTemplates` (quaternions, conjugate spectra).
+    spectra
+        (T, K, R) complex64, the same spectra template-major (gathered per pattern).
+    directions
+        (S, T, 3) every symmetry-equivalent beam direction of every template (crystal frame).
+    resolution
+        Template sampling step (deg).
+    """
+
+    templates: object
+    spectra: np.ndarray
+    directions: np.ndarray
+    resolution: float
+
+    @classmethod
+    def from_library(cls, library, phase: str) -> LocalTemplates:
+        """Build from a :func:`temlib.match.build_library` library (its ``phase`` entry)."""
+        if phase not in library.names:
+            raise ValueError(
+                f"Phase {phase!r} is not in the library; expected one of {library.names}"
+            )
+        pt = library.phases[library.names.index(phase)]
+        t_dirs = beam_directions(pt.quaternions)  # (T, 3)
+        sym = quaternions_to_matrices(pt.symmetry)  # (S, 3, 3)
+        dirs = np.einsum("sij,tj->sti", sym, t_dirs).astype(np.float32)
+        spectra = np.ascontiguousarray(pt.spectra.transpose(2, 0, 1))
+        return cls(pt, spectra, dirs, float(library.params.get("resolution", 1.0)))
+
+
+def beam_directions(q: np.ndarray) -> np.ndarray:
+    """(N, 3) beam direction (sample z) in the crystal frame of (N, 4) orientations: ``R z``."""
+    return quaternions_to_matrices(q)[:, :, 2]
+
+
+@dataclasses.dataclass
+class HybridResult:
+    """Hybrid indexing of N patterns of one phase.
+
+    Attributes
+    ----------
+    quaternions
+        (N, 4) orientations (sample -> crystal).
+    correlation
+        (N,) cosine correlation of the chosen template at its in-plane angle.
+    reliability
+        (N,) ASTAR-style ``100 (1 - Q2 / Q1)`` over the local candidates (full search for fallbacks).
+    fallback
+        (N,) True where the local match was unreliable and the full search decided.
+    seed_distance
+        (N,) angle (deg) between the seed's beam direction and the chosen template's.
+    """
+
+    quaternions: np.ndarray
+    correlation: np.ndarray
+    reliability: np.ndarray
+    fallback: np.ndarray
+    seed_distance: np.ndarray
+
+
+def _local_correlation(desc, seeds, local: LocalTemplates, n_candidates: int, batch: int):
+    from scipy import fft
+
+    n_theta = desc.shape[-1]
+    s, t, _ = local.directions.shape
+    dirs = local.directions.reshape(-1, 3)
+    n = len(desc)
+    k = min(n_candidates, t)
+    out_t = np.empty((n, k), np.int64)
+    out_v = np.empty((n, k))
+    out_a = np.empty((n, k))
+    out_d = np.empty((n, k))
+    u = beam_directions(seeds).astype(np.float32)
+    nf = local.spectra.shape[1]
+    for a in range(0, n, batch):
+        ub = u[a : a + batch]
+        cos = np.abs(ub @ dirs.T).reshape(len(ub), s, t).max(axis=1)  # (B, T)
+        top = (
+            np.argpartition(-cos, k - 1, axis=1)[:, :k]
+            if k < t
+            else np.tile(np.arange(t), (len(ub), 1))
+        )
+        ef = (
+            fft.rfft(desc[a : a + batch], axis=-1)[:, :, :nf]
+            .transpose(0, 2, 1)
+            .astype(np.complex64)
+        )  # (B, F, R)
+        g = local.spectra[top]  # (B, k, F, R)
+        spec = np.einsum("bfr,bkfr->bkf", ef, g)
+        c = fft.irfft(spec, n=n_theta, axis=-1)  # (B, k, n_theta)
+        i0 = c.argmax(axis=-1)
+        y1 = np.take_along_axis(c, i0[..., None], -1)[..., 0]
+        y0 = np.take_along_axis(c, ((i0 - 1) % n_theta)[..., None], -1)[..., 0]
+        y2 = np.take_along_axis(c, ((i0 + 1) % n_theta)[..., None], -1)[..., 0]
+        den = y0 - 2 * y1 + y2
+        delta = np.clip(
+            np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1), 0.0), -0.5, 0.5
+        )
+        out_t[a : a + batch] = top
+        out_v[a : a + batch] = y1 - 0.25 * (y0 - y2) * delta
+        out_a[a : a + batch] = np.mod((i0 + delta) * (180.0 / n_theta), 180.0)
+        out_d[a : a + batch] = np.degrees(
+            np.arccos(np.clip(np.take_along_axis(cos, top, 1), -1, 1))
+        )
+    return out_t, out_v, out_a, out_d
+
+
+def hybrid_refine(
+    desc: np.ndarray,
+    seeds: np.ndarray,
+    local: LocalTemplates,
+    library=None,
+    n_candidates: int = 48,
+    min_correlation: float = 0.0,
+    rim_fraction: float = 0.8,
+    min_angle: float = 5.0,
+    batch: int = 64,
+) -> HybridResult:
+    """Refine seed orientations by template matching over the templates near each seed.
+
+    For each pattern the ``n_candidates`` templates whose beam directions are nearest to the
+    seed's (under the crystal symmetry and the Friedel pair) are correlated at every in-plane
+    angle (FFT along azimuth, parabolic sub-step refinement), and the best one wins: the
+    seed needs to be right only to within the neighbourhood (a few degrees), the answer has
+    template-matching accuracy. A pattern falls back to the full search over the phase's
+    library when its best local correlation is below ``min_correlation`` or its best
+    template lies on the rim of the neighbourhood (farther from the seed than
+    ``rim_fraction`` of the farthest candidate: the optimum may lie outside).
+
+    Parameters
+    ----------
+    desc
+        (N, n_r, n_theta) descriptors of patterns of the phase.
+    seeds
+        (N, 4) seed orientations (e.g. :meth:`Regressor.predict`).
+    local
+        :class:`LocalTemplates` of the phase.
+    library
+        The :func:`temlib.match.build_library` library for the fallback (None: no fallback).
+    n_candidates
+        Templates per pattern (about ``pi r^2 / resolution^2`` for a neighbourhood of radius r).
+    min_correlation, rim_fraction
+        Fallback rules (``rim_fraction >= 1`` disables the rim rule).
+    min_angle
+        Q2 of the reliability is the best candidate at least this far (deg) from the best.
+    """
+    from . import match
+
+    desc = np.asarray(desc, np.float32)
+    seeds = np.asarray(seeds, float).reshape(-1, 4)
+    if desc.ndim != 3 or len(desc) != len(seeds):
+        raise ValueError(
+            f"Descriptors {desc.shape} and seeds {seeds.shape} do not pair up; expected (N, n_r, n_theta) and (N, 4)"
+        )
+    if n_candidates < 2:
+        raise ValueError(f"n_candidates {n_candidates!r} must be at least 2")
+    n = len(desc)
+    if n == 0:
+        z = np.zeros(0)
+        return HybridResult(np.zeros((0, 4)), z, z, np.zeros(0, bool), z)
+    top, val, ang, dist = _local_correlation(desc, seeds, local, n_candidates, batch)
+    order = np.argsort(-val, axis=1)
+    top, val, ang, dist = (np.take_along_axis(x, order, 1) for x in (top, val, ang, dist))
+    pt = local.templates
+    q = qmul(pt.quaternions[top], rz(-ang))  # (N, k, 4)
+    mis = match.misorientation_deg(q[:, :1], q, pt.symmetry, modulo_flip=True)
+    q2 = np.where(mis >= min_angle, val, -np.inf).max(axis=1)
+    q2 = np.where(np.isfinite(q2), q2, val[:, -1])
+    rel = 100 * (1 - np.clip(q2, 0, None) / np.where(val[:, 0] > 0, val[:, 0], np.inf))
+    fb = (val[:, 0] < min_correlation) | (dist[:, 0] > rim_fraction * dist.max(axis=1))
+    quats, corr = q[:, 0].copy(), val[:, 0].copy()
+    if library is not None and fb.any():
+        lib1 = library.restrict([pt.phase.name])
+        r = match.match_descriptors(desc[fb], lib1, n_best=1, normalization="none")
+        quats[fb] = r.quaternions[:, 0]
+        corr[fb] = r.correlation[:, 0]
+        rel[fb] = r.reliability
+    elif library is None:
+        fb[:] = False
+    return HybridResult(quats, corr, rel, fb, dist[:, 0])
+
+
+# --------------------------------------------------------------------------------------
+# Fine-tuning, the naive Euler baseline, saving and loading
+# --------------------------------------------------------------------------------------
+
+
+def _compile(model, loss, learning_rate: float):
+    keras = _keras()
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), loss=loss)
+    return model
+
+
+def fine_tune(
+    reg: Regressor,
+    desc: np.ndarray,
+    q: np.ndarray,
+    synthetic: tuple[np.ndarray, np.ndarray] | None = None,
+    epochs: int = 5,
+    learning_rate: float = 3e-4,
+    batch_size: int = 128,
+    n_shifts: int = 4,
+    synthetic_fraction: float = 0.5,
+    rng=None,
+    verbose: int = 0,
+) -> Regressor:
+    """Continue training a regressor on descriptors of real patterns (a copy; the input is kept).
+
+    Real maps hold few orientations (a grain gives thousands of near-identical patterns),
+    so each real descriptor is also turned about the beam (``n_shifts`` random circular
+    shifts with their labels) and mixed with synthetic descriptors (``synthetic_fraction``
+    of each epoch) so that the rest of the fundamental zone is not forgotten.
+
+    Parameters
+    ----------
+    reg
+        The regressor (:func:`search` or :func:`load_regressor`).
+    desc, q
+        (M, n_r, n_theta) real descriptors and (M, 4) orientations (:func:`real_set`).
+    synthetic
+        (descriptors, orientations) to mix in, e.g. the search's training set.
+    """
+    if reg.target != "6d":
+        raise ValueError(f"Fine-tuning needs a 6d regressor, not target {reg.target!r}")
+    desc = np.asarray(desc, np.float32)
+    if len(desc) == 0:
+        raise ValueError(
+            "No real descriptors to fine-tune on; expected at least one pattern of the phase"
+        )
+    keras = _keras()
+    rng = np.random.default_rng(rng)
+    x, y = shift_augment(desc, q, n_shifts, rng)
+    x, y = np.concatenate([desc, x]), np.concatenate([np.asarray(q, float), y])
+    if synthetic is not None and synthetic_fraction > 0:
+        n_syn = int(round(len(x) * synthetic_fraction / (1 - synthetic_fraction)))
+        pick = rng.choice(len(synthetic[0]), size=min(n_syn, len(synthetic[0])), replace=False)
+        x = np.concatenate([x, synthetic[0][pick]])
+        y = np.concatenate([y, synthetic[1][pick]])
+    if reg.canonical:
+        x, phi = canonicalize(x)
+        y = qmul(y, rz(phi))
+    model = keras.models.clone_model(reg.model)
+    model.set_weights(reg.model.get_weights())
+    _compile(model, symmetric_loss(reg.phase), learning_rate)
+    perm = rng.permutation(len(x))
+    t0 = time.perf_counter()
+    hist = model.fit(x[perm], to_6d(y[perm]), epochs=epochs, batch_size=batch_size, verbose=verbose)
+    meta = dict(reg.metadata)
+    meta.update(
+        fine_tuned=True,
+        fine_tuning=dict(
+            n_real=int(len(desc)),
+            n_samples=int(len(x)),
+            epochs=epochs,
+            learning_rate=learning_rate,
+            seconds=time.perf_counter() - t0,
+            loss=[float(v) for v in hist.history.get("loss", [])],
+        ),
+    )
+    return Regressor(model, reg.phase, reg.settings, "6d", reg.canonical, meta)
+
+
+def train_euler_baseline(
+    reg: Regressor,
+    desc: np.ndarray,
+    q: np.ndarray,
+    epochs: int = 8,
+    batch_size: int = 256,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    verbose: int = 0,
+) -> Regressor:
+    """The naive baseline: the architecture of ``reg``, retrained from scratch on Bunge Euler angles.
+
+    Targets are the Euler angles (rad) of the fundamental-zone representatives, the loss a
+    mean squared error; inputs are canonicalised as for ``reg``. Same data and budget as
+    the search, so the difference measures the target and loss alone.
+    """
+    keras = _keras()
+    desc = np.asarray(desc, np.float32)
+    q = np.asarray(q, float)
+    if reg.canonical:
+        desc, phi = canonicalize(desc)
+        q = qmul(q, rz(phi))
+    y = euler_targets(q, reg.phase)
+    keras.utils.set_random_seed(seed)
+    trunk = keras.models.clone_model(reg.model)
+    head_in = trunk.layers[-2].output
+    out = keras.layers.Dense(3, name="euler")(head_in)
+    model = keras.Model(trunk.inputs, out)
+    _compile(model, "mse", learning_rate)
+    perm = np.random.default_rng(seed).permutation(len(desc))
+    t0 = time.perf_counter()
+    model.fit(desc[perm], y[perm], epochs=epochs, batch_size=batch_size, verbose=verbose)
+    meta = dict(
+        phase=reg.phase,
+        target="euler",
+        seconds=time.perf_counter() - t0,
+        epochs=epochs,
+        n_train=len(desc),
+    )
+    return Regressor(model, reg.phase, reg.settings, "euler", reg.canonical, meta)
+
+
+def default_model_dir(phase: str, profile: str = "default") -> Path:
+    """Where notebook 04 saves the regressor of ``phase``: ``data/models/regressor_<phase>``
+    (default profile), ``data/models/<profile>/regressor_<phase>`` otherwise."""
+    models = paths.data_dir("models")
+    name = f"regressor_{phase}"
+    return models / name if profile == "default" else models / profile / name
+
+
+def save_regressor(reg: Regressor, path: str | Path | None = None) -> Path:
+    """Write ``model.keras`` + ``regressor.json`` (phase, target, descriptor settings, training record) atomically."""
+    path = Path(path) if path is not None else default_model_dir(reg.phase)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        reg.model.save(tmp / MODEL_FILE)
+        meta = dict(
+            reg.metadata,
+            phase=reg.phase,
+            target=reg.target,
+            canonical=reg.canonical,
+            settings=reg.settings.as_dict(),
+            saved=time.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def load_regressor(path: str | Path) -> Regressor:
+    """Load a regressor written by :func:`save_regressor` (a folder)."""
+    path = Path(path)
+    if not (path / MODEL_FILE).is_file() or not (path / METADATA_FILE).is_file():
+        raise FileNotFoundError(
+            f"No regressor in {path} (expected {MODEL_FILE} and {METADATA_FILE}); train the default ones "
+            "with `make report NB=04_regression` (or `temlib reports 04_regression`)"
+        )
+    meta = json.loads((path / METADATA_FILE).read_text())
+    _loss_class(), _circular_pad_class(), _descriptor_block()  # register the custom objects
+    model = _keras().models.load_model(path / MODEL_FILE, compile=False)
+    fields = {f.name for f in dataclasses.fields(descriptors.DescriptorSettings)}
+    settings = descriptors.DescriptorSettings(
+        **{k: v for k, v in meta["settings"].items() if k in fields}
+    )
+    return Regressor(
+        model, meta["phase"], settings, meta.get("target", "6d"), meta.get("canonical", True), meta
+    )
+
+
+def load_regressors(
+    folder: str | Path | None = None, phases=crystal.STEEL_PHASES, profile: str = "default"
+) -> dict[str, Regressor]:
+    """The regressors of ``phases``: from ``folder/regressor_<phase>`` or the profile's default location."""
+    out = {}
+    for ph in phases:
+        p = (
+            Path(folder) / f"regressor_{ph}"
+            if folder is not None
+            else default_model_dir(ph, profile)
+        )
+        out[ph] = load_regressor(p)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation helpers
+# --------------------------------------------------------------------------------------
+
+
+def disorientation_table(errors: dict[str, np.ndarray]):
+    """Statistics of named disorientation arrays (deg): median, p90, p95, fractions < 1, 2, 5 and > 10 deg.
+
+    Parameters
+    ----------
+    errors
+        ``{label: (N,) angles}``; NaNs (unscored) are dropped.
+    """
+    import pandas as pd
+
+    rows = {}
+    for name, e in errors.items():
+        a = np.asarray(e, float)
+        a = a[np.isfinite(a)]
+        if a.size == 0:
+            continue
+        rows[name] = {
+            "n": a.size,
+            "median": np.median(a),
+            "p90": np.percentile(a, 90),
+            "p95": np.percentile(a, 95),
+            "<1": np.mean(a < 1),
+            "<2": np.mean(a < 2),
+            "<5": np.mean(a < 5),
+            ">10": np.mean(a > 10),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+# --------------------------------------------------------------------------------------
+# The online pipeline: classify, then the phase's branch
+# --------------------------------------------------------------------------------------
+
+BRANCH_CODES = {"ml": 0, "hybrid": 1, "tm": 2}
+
+
+@dataclasses.dataclass
+class Models:
+    """Everything the online indexer needs (:func:`load_models`).
+
+    Attributes
+    ----------
+    phases
+        Phase names, in the classifier's column order.
+    regressors
+        ``{phase: Regressor}`` (needed by the ``ml`` and ``hybrid`` branches).
+    classifier
+        A :mod:`temlib.classify` ``PhaseClassifier``, or None (phases then come from the caller).
+    library
+        A :func:`temlib.match.build_library` library in the regressors' descriptor settings
+        (needed by ``hybrid`` and ``tm``), or None.
+    branches
+        ``{phase: "ml" | "hybrid" | "tm"}``.
+    settings
+        Descriptor settings of every branch.
+    hybrid
+        Keyword arguments of :func:`hybrid_refine` per phase (``n_candidates``, ``min_correlation``...).
+    """
+
+    phases: list[str]
+    regressors: dict
+    classifier: object
+    library: object
+    branches: dict
+    settings: descriptors.DescriptorSettings
+    hybrid: dict = dataclasses.field(default_factory=dict)
+    _local: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def local(self, phase: str) -> LocalTemplates:
+        if phase not in self._local:
+            self._local[phase] = LocalTemplates.from_library(self.library, phase)
+        return self._local[phase]
+
+
+def load_models(
+    method: str | dict = "hybrid",
+    models: str | Path | None = None,
+    phases=crystal.STEEL_PHASES,
+    classifier: str | Path | bool | None = None,
+    kv: float = 200.0,
+    resolution: float = 1.0,
+    profile: str = "default",
+    hybrid: dict | None = None,
+) -> Models:
+    """Load the regressors, the phase classifier and (for ``hybrid``/``tm``) the template library.
+
+    Parameters
+    ----------
+    method
+        ``"ml"``, ``"hybrid"`` or ``"tm"`` for every phase, or ``{phase: method}``.
+    models
+        Folder holding ``regressor_<phase>/`` (and optionally ``classifier/``); default the
+        profile's locations (``data/models/regressor_<phase>``, ``data/models/classifier``).
+    classifier
+        Path of a classifier folder, None for the default (or ``models/classifier`` when
+        present), False for none (phases must then be given to :func:`index_patterns`).
+    kv, resolution
+        Beam energy (kV) and template step (deg) of the library.
+    hybrid
+        Per-phase overrides of :func:`hybrid_refine` arguments, ``{phase: {...}}``.
+    """
+    phases = list(phases)
+    branches = (
+        {p: method for p in phases}
+        if isinstance(method, str)
+        else {p: method.get(p, "hybrid") for p in phases}
+    )
+    for p, m in branches.items():
+        if m not in METHODS:
+            raise ValueError(f"Unknown method {m!r} for {p}; expected one of {METHODS}")
+    needs_reg = [p for p in phases if branches[p] in ("ml", "hybrid")]
+    regs = {}
+    for p in needs_reg:
+        folder = (
+            Path(models) / f"regressor_{p}" if models is not None else default_model_dir(p, profile)
+        )
+        regs[p] = load_regressor(folder)
+    settings = next(iter(regs.values())).settings if regs else descriptors.load_settings()
+    clf = None
+    if classifier is not False:
+        from . import classify
+
+        if classifier is None and models is not None and (Path(models) / "classifier").is_dir():
+            classifier = Path(models) / "classifier"
+        if classifier is None and profile != "default":
+            classifier = classify.default_model_dir(profile)
+        clf = classify.load_classifier(classifier)
+        unknown = [p for p in clf.phases if p not in phases]
+        if unknown:
+            raise ValueError(f"The classifier knows phases {clf.phases}; expected only {phases}")
+        phases = list(clf.phases)
+    lib = None
+    if any(branches[p] in ("hybrid", "tm") for p in phases):
+        from . import match
+
+        lib = match.build_library(phases, resolution=resolution, kv=kv, settings=settings)
+    hyb = {p: dict(regs[p].metadata.get("hybrid", {})) if p in regs else {} for p in phases}
+    for p, kw in (hybrid or {}).items():
+        hyb.setdefault(p, {}).update(kw)
+    return Models(phases, regs, clf, lib, branches, settings, hyb)
+
+
+@dataclasses.dataclass
+class IndexResult:
+    """Indexing of N patterns (:func:`index_patterns`).
+
+    Attributes
+    ----------
+    phase_index
+        (N,) index into ``phases``.
+    quaternions
+        (N, 4) orientations (sample -> crystal).
+    reliability
+        (N,) 0-100 (``ml``: NaN; ``hybrid``/``tm``: ASTAR-style correlation ratio).
+    correlation
+        (N,) template correlation (NaN for ``ml``).
+    phase_probability
+        (N,) classifier probability of the chosen phase (NaN when phases were given).
+    branch
+        (N,) :data:`BRANCH_CODES`: 0 ml, 1 hybrid (local), 2 full template matching
+        (the ``tm`` branch or a hybrid fallback).
+    """
+
+    phase_index: np.ndarray
+    quaternions: np.ndarray
+    reliability: np.ndarray
+    correlation: np.ndarray
+    phase_probability: np.ndarray
+    branch: np.ndarray
+    phases: list
+
+    def __len__(self) -> int:
+        return len(self.phase_index)
+
+    @staticmethod
+    def empty(n: int, phases) -> IndexResult:
+        return IndexResult(
+            np.full(n, -1, np.int64),
+            np.tile([1.0, 0, 0, 0], (n, 1)),
+            np.full(n, np.nan),
+            np.full(n, np.nan),
+            np.full(n, np.nan),
+            np.full(n, -1, np.int64),
+            list(phases),
+        )
+
+    def put(self, index, other: IndexResult) -> None:
+        for f in (
+            "phase_index",
+            "quaternions",
+            "reliability",
+            "correlation",
+            "phase_probability",
+            "branch",
+        ):
+            getattr(self, f)[index] = getattr(other, f)
+
+
+def index_patterns(
+    patterns: np.ndarray,
+    calibration: float,
+    models: Models,
+    phase_of: np.ndarray | None = None,
+    centers: np.ndarray | None = None,
+) -> IndexResult:
+    """Index (N, ky, kx) raw patterns: phase, then each phase's branch.
+
+    Parameters
+    ----------
+    patterns
+        Raw patterns as read from a map.
+    calibration
+        1/Å per px.
+    models
+        :func:`load_models`.
+    phase_of
+        (N,) phase indices into ``models.phases`` to use instead of the classifier.
+    centers
+        (N, 2) direct-beam centres (row, col) px; found when None (shared by every step).
+    """
+    from . import match
+
+    p = np.asarray(patterns)
+    if p.ndim != 3:
+        raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
+    n = len(p)
+    if centers is None:
+        centers = fast_direct_beam(p)
+    desc, centers = fast_descriptors(p, calibration, centers, models.settings)
+    prob = np.full(n, np.nan)
+    if phase_of is None:
+        if models.classifier is None:
+            raise ValueError(
+                "No phase classifier loaded and no phases given; expected load_models(classifier=...) or phase_of"
+            )
+        pr = models.classifier.predict_proba(p, calibration, centers=centers)
+        phase_of = pr.argmax(axis=1)
+        prob = pr[np.arange(n), phase_of]
+    phase_of = np.asarray(phase_of, np.int64).reshape(n)
+    res = IndexResult.empty(n, models.phases)
+    res.phase_index[:] = phase_of
+    res.phase_probability[:] = prob
+    for k, ph in enumerate(models.phases):
+        sel = np.flatnonzero(phase_of == k)
+        if sel.size == 0:
+            continue
+        branch = models.branches.get(ph, "hybrid")
+        if branch == "tm":
+            r = match.match_descriptors(
+                desc[sel], models.library.restrict([ph]), n_best=1, normalization="none"
+            )
+            res.quaternions[sel] = r.quaternions[:, 0]
+            res.correlation[sel] = r.correlation[:, 0]
+            res.reliability[sel] = r.reliability
+            res.branch[sel] = BRANCH_CODES["tm"]
+            continue
+        seeds = models.regressors[ph].predict(desc[sel])
+        if branch == "ml":
+            res.quaternions[sel] = seeds
+            res.branch[sel] = BRANCH_CODES["ml"]
+            continue
+        h = hybrid_refine(
+            desc[sel], seeds, models.local(ph), models.library, **models.hybrid.get(ph, {})
+        )
+        res.quaternions[sel] = h.quaternions
+        res.correlation[sel] = h.correlation
+        res.reliability[sel] = h.reliability
+        res.branch[sel] = np.where(h.fallback, BRANCH_CODES["tm"], BRANCH_CODES["hybrid"])
+    return res
+
+
+def to_crystal_map(
+    result: IndexResult,
+    shape: tuple[int, int],
+    step: float = 1.0,
+    scan_unit: str = "px",
+    filled=None,
+):
+    """An orix ``CrystalMap`` of an :class:`IndexResult` over a (rows, cols) scan.
+
+    Phase ids are the steel ids (0 ferrite, 1 NbC, 2 cementite) where the phases are steel
+    phases, else their order; pixels not indexed yet (``filled`` False or phase -1) are
+    not-indexed (-1). Properties: ``reliability``, ``correlation``, ``phase_probability``,
+    ``branch`` (0 ml, 1 hybrid, 2 template matching, -1 none).
+    """
+    from orix.crystal_map import CrystalMap, PhaseList
+
+    h, w = shape
+    if len(result) != h * w:
+        raise ValueError(f"{len(result)} results do not fill a {h}x{w} scan; expected {h * w}")
+    names = list(result.phases)
+    steel = {n: i for i, n in enumerate(crystal.STEEL_PHASES)}
+    ids = [steel[n] for n in names] if all(n in steel for n in names) else list(range(len(names)))
+    lut = np.array(ids + [-1])
+    pid = lut[np.where(result.phase_index >= 0, result.phase_index, len(names))]
+    if filled is not None:
+        pid = np.where(np.asarray(filled, bool).ravel(), pid, -1)
+    phase_objs = [crystal.get_phase(n) for n in names]
+    plist = PhaseList(phases=phase_objs, ids=ids)
+    if (pid == -1).any():
+        plist.add_not_indexed()
+    rr, cc = np.mgrid[0:h, 0:w]
+    return CrystalMap(
+        rotations=Rotation(result.quaternions),
+        phase_id=pid,
+        x=cc.ravel() * step,
+        y=rr.ravel() * step,
+        phase_list=plist,
+        prop={
+            "reliability": np.nan_to_num(result.reliability, nan=-1.0),
+            "correlation": np.nan_to_num(result.correlation, nan=-1.0),
+            "phase_probability": np.nan_to_num(result.phase_probability, nan=-1.0),
+            "branch": result.branch.astype(float),
+        },
+        scan_unit=scan_unit,
+    )
+
+
+def index_map(
+    source,
+    models: Models,
+    chunk: int = 32,
+    phase_of: np.ndarray | None = None,
+    show_progressbar: bool = True,
+):
+    """Index every pattern of a map (a path :func:`temlib.io.load_map` reads, or a loaded signal).
+
+    Parameters
+    ----------
+    phase_of
+        Optional (rows, cols) phase indices into ``models.phases`` (bypasses the classifier).
+
+    Returns
+    -------
+    xmap
+        orix ``CrystalMap`` (:func:`to_crystal_map`).
+    info
+        ``seconds`` (wall), ``cpu_seconds`` (process CPU time), ``patterns_per_s``.
+    """
+    from . import io
+
+    sig = io.load_map(source) if isinstance(source, str | Path) else source
+    cal = io.calibration_of(sig)
+    h, w = sig.data.shape[:2]
+    res = IndexResult.empty(h * w, models.phases)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for (rs, cs), block in io.iter_chunks(sig, chunk, show_progressbar):
+        r, c = block.shape[:2]
+        idx = (np.arange(h * w).reshape(h, w)[rs, cs]).ravel()
+        po = None if phase_of is None else np.asarray(phase_of).reshape(h, w)[rs, cs].ravel()
+        res.put(idx, index_patterns(block.reshape(r * c, *block.shape[2:]), cal, models, po))
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    step = (
+        float(sig.axes_manager.navigation_axes[0].scale)
+        if sig.axes_manager.navigation_dimension
+        else 1.0
+    )
+    unit = (
+        str(sig.axes_manager.navigation_axes[0].units)
+        if sig.axes_manager.navigation_dimension
+        else "px"
+    )
+    xmap = to_crystal_map(
+        res, (h, w), step=step, scan_unit=unit if unit and unit != "<undefined>" else "px"
+    )
+    return xmap, {"seconds": secs, "cpu_seconds": cpu, "patterns_per_s": h * w / max(secs, 1e-9)}
+
+
+# --------------------------------------------------------------------------------------
+# Streaming (indexing during acquisition)
+# --------------------------------------------------------------------------------------
+
+
+def iter_folder(
+    folder: str | Path, total: int, poll: float = 0.5, timeout: float = 60.0, pattern: str = "*.npy"
+):
+    """Yield (n, ky, kx) chunks from ``.npy`` files appearing in ``folder`` (name order) until ``total`` patterns.
+
+    A file is read once it is complete (written to a temporary name and renamed, as an
+    acquisition program should). Raises TimeoutError if no new file arrives within ``timeout`` s.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            f"No chunk folder {folder}; expected a folder receiving .npy chunks"
+        )
+    seen, got, last = set(), 0, time.monotonic()
+    while got < total:
+        new = sorted(
+            p for p in folder.glob(pattern) if p.name not in seen and not p.name.startswith(".")
+        )
+        if not new:
+            if time.monotonic() - last > timeout:
+                raise TimeoutError(
+                    f"No new chunk in {folder} for {timeout:g} s after {got} of {total} patterns"
+                )
+            time.sleep(poll)
+            continue
+        for p in new:
+            seen.add(p.name)
+            a = np.load(p)
+            a = a.reshape(-1, *a.shape[-2:])
+            got += len(a)
+            last = time.monotonic()
+            yield a
+
+
+def iter_growing_file(
+    path: str | Path,
+    frame_shape: tuple[int, int],
+    total: int,
+    dtype="uint8",
+    header: int = 0,
+    batch: int = 256,
+    poll: float = 0.2,
+    timeout: float = 60.0,
+):
+    """Yield (n, ky, kx) chunks from a raw frame file that an acquisition is still appending to.
+
+    Frames are ``ky * kx`` values of ``dtype`` after ``header`` bytes, in scan (raster) order;
+    complete frames are read as they appear, up to ``total``.
+    """
+    path = Path(path)
+    dt = np.dtype(dtype)
+    fbytes = int(np.prod(frame_shape)) * dt.itemsize
+    got, last = 0, time.monotonic()
+    while got < total:
+        size = path.stat().st_size if path.exists() else 0
+        avail = min(max((size - header) // fbytes, 0), total)
+        if avail - got >= min(batch, total - got):
+            take = min(avail - got, batch)
+            with open(path, "rb") as f:
+                f.seek(header + got * fbytes)
+                buf = f.read(take * fbytes)
+            got += take
+            last = time.monotonic()
+            yield np.frombuffer(buf, dt).reshape(take, *frame_shape)
+        else:
+            if time.monotonic() - last > timeout:
+                raise TimeoutError(f"{path} stopped growing at {got} of {total} frames")
+            time.sleep(poll)
+
+
+def index_stream(
+    source,
+    shape: tuple[int, int],
+    calibration: float,
+    models: Models,
+    callback=None,
+    frame_shape: tuple[int, int] | None = None,
+    dtype="uint8",
+    poll: float = 0.5,
+    timeout: float = 60.0,
+):
+    """Index patterns as they arrive, in scan (raster) order, and return the final map.
+
+    Parameters
+    ----------
+    source
+        A Python iterator of (n, ky, kx) chunks, a folder receiving ``.npy`` chunk files
+        (:func:`iter_folder`), or a raw frame file still being written
+        (:func:`iter_growing_file`, needs ``frame_shape``).
+    shape
+        (rows, cols) of the scan.
+    calibration
+        1/Å per px of the patterns.
+    callback
+        Called as ``callback(xmap, n_done, info)`` after every chunk with the partial map
+        (pixels not yet acquired are not-indexed), e.g. :func:`live_display`.
+
+    Returns
+    -------
+    xmap, info (``seconds``, ``cpu_seconds``, ``patterns_per_s``, ``chunks``).
+    """
+    h, w = shape
+    total = h * w
+    if isinstance(source, str | Path):
+        src = Path(source)
+        if src.is_dir():
+            source = iter_folder(src, total, poll, timeout)
+        else:
+            if frame_shape is None:
+                raise ValueError(
+                    f"Reading the growing file {src} needs frame_shape; expected (ky, kx)"
+                )
+            source = iter_growing_file(src, frame_shape, total, dtype, poll=poll, timeout=timeout)
+    res = IndexResult.empty(total, models.phases)
+    done, chunks = 0, 0
+    busy, cpu0, t0 = 0.0, time.process_time(), time.perf_counter()
+    for block in source:
+        b = np.asarray(block)
+        b = b.reshape(-1, *b.shape[-2:])[: total - done]
+        if len(b) == 0:
+            break
+        t1 = time.perf_counter()
+        res.put(np.arange(done, done + len(b)), index_patterns(b, calibration, models))
+        busy += time.perf_counter() - t1
+        done += len(b)
+        chunks += 1
+        if callback is not None:
+            filled = np.arange(total) < done
+            callback(to_crystal_map(res, shape, filled=filled), done, {"seconds": busy})
+        if done >= total:
+            break
+    info = {
+        "seconds": busy,
+        "wall_seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - cpu0,
+        "patterns_per_s": done / max(busy, 1e-9),
+        "chunks": chunks,
+        "patterns": done,
+    }
+    return to_crystal_map(res, shape, filled=np.arange(total) < done), info
+
+
+def live_display(every: int = 1, title: str = "live indexing"):
+    """A callback for :func:`index_stream` that redraws the phase and IPF-z maps in a notebook cell.
+
+    It updates one display (IPython ``display_id``) in place every ``every`` chunks, so a
+    notebook shows the maps filling as patterns arrive. Outside IPython it does nothing.
+    """
+    from . import plots
+
+    state = {"handle": None, "calls": 0}
+
+    def update(xmap, n_done, info):
+        state["calls"] += 1
+        if state["calls"] % every:
+            return
+        try:
+            from IPython.display import display
+        except ImportError:  # pragma: no cover
+            return
+        import matplotlib.pyplot as plt
+
+        fig = plots.phase_ipf_figure(
+            {f"{n_done} patterns, {n_done / max(info['seconds'], 1e-9):.0f}/s": xmap}, title=title
+        )
+        if state["handle"] is None:
+            state["handle"] = display(fig, display_id=True)
+        else:
+            state["handle"].update(fig)
+        plt.close(fig)
+
+    return update
