@@ -1,0 +1,821 @@
+"""Polar intensity descriptors of spot patterns and of simulated templates.
+
+A spot pattern is resampled about its direct beam onto a polar grid: radius ``r``
+(1/Å, so the grid is the same for every calibration and camera) times azimuth
+``theta``. Kinematic patterns are centrosymmetric (Friedel pairs), so the two
+half-turns are added together: the descriptor covers azimuth [0, 180) deg. An
+in-plane rotation of the crystal about the beam is then a circular shift of the
+descriptor along azimuth, which the matcher (:mod:`temlib.match`) scans with FFTs.
+
+Both sides are made to look alike:
+
+- patterns: polar sampling (bilinear, ``oversample`` radii per bin averaged),
+  background removal per radius (the azimuthal median, or a grey opening along
+  azimuth, takes away the diffuse halo and the direct-beam tails), clipping at 0,
+  an intensity transform ``I ** gamma``, folding, optional zero-mean, unit L2 norm;
+- templates: the ``n_spots`` strongest simulated spots, each a Gaussian of width
+  ``sigma`` (1/Å, radially and along the arc) with weight ``(I / I_max) ** template_gamma``,
+  drawn on the same folded grid, unit L2 norm.
+
+The settings are tuned on the training maps by :func:`tune` (a ranking score: how
+well each real pattern's descriptor picks out its own ground-truth template against
+the templates of every other sampled pattern) and saved to
+``data/models/descriptors.json`` (:data:`SETTINGS_FILE`); :func:`load_settings`
+returns them (or the built-in defaults when no tuned file exists), and the matcher
+and ``temlib index`` use them by default.
+
+Conventions: patterns are (ky, kx) = (row, col); a spot at (x, y) in 1/Å sits at
+``col = cx + x / calibration``, ``row = cy + y / calibration`` (as :mod:`temlib.simulate`);
+azimuth ``theta = atan2(y, x)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import paths
+
+log = logging.getLogger(__name__)
+
+BACKGROUNDS = ("none", "median", "opening")
+
+
+@dataclasses.dataclass(frozen=True)
+class DescriptorSettings:
+    """Everything that defines a descriptor (both sides). Units in the comments."""
+
+    r_min: float = 0.15  # 1/Å, inner edge (excludes the direct beam)
+    r_max: float = 1.3  # 1/Å, outer edge
+    n_r: int = 40  # radial bins
+    n_theta: int = 90  # azimuth bins over [0, 180) deg (2 deg each)
+    oversample: int = 2  # radial samples averaged per bin
+    smooth: float = 0.015  # 1/Å, Gaussian prefilter of the pattern (0: none)
+    background: str = "median"  # none | median | opening (per radius, along azimuth)
+    noise_k: float = 1.0  # subtract noise_k x robust noise (per radius) before clipping
+    opening_deg: float = 12.0  # deg, width of the grey opening (background="opening")
+    gamma: float = 0.5  # pattern intensity transform I ** gamma
+    zero_mean: bool = False  # subtract the descriptor's mean before normalising
+    sigma: float = 0.02  # 1/Å, template spot width
+    template_gamma: float = 0.5  # template spot weight (I / I_max) ** template_gamma
+    n_spots: int = 30  # strongest template spots kept (0: all)
+    excitation_error: float = 0.05  # 1/Å, relrod half-width of the simulated templates
+
+    def __post_init__(self):
+        if not 0 <= self.r_min < self.r_max:
+            raise ValueError(
+                f"Radial range ({self.r_min!r}, {self.r_max!r}) 1/Å is invalid; expected 0 <= r_min < r_max"
+            )
+        if self.n_r < 2 or self.n_theta < 8:
+            raise ValueError(
+                f"Grid {self.n_r}x{self.n_theta} is too small; expected n_r >= 2 and n_theta >= 8"
+            )
+        if self.background not in BACKGROUNDS:
+            raise ValueError(
+                f"Unknown background {self.background!r}; expected one of {BACKGROUNDS}"
+            )
+        if not self.gamma > 0 or not self.template_gamma > 0:
+            raise ValueError(
+                f"gamma {self.gamma!r} / template_gamma {self.template_gamma!r} must be positive"
+            )
+        if not self.sigma > 0:
+            raise ValueError(f"sigma {self.sigma!r} 1/Å must be positive")
+        if self.n_spots < 0:
+            raise ValueError(f"n_spots {self.n_spots!r} must be >= 0 (0 keeps every spot)")
+
+    @property
+    def step_deg(self) -> float:
+        """Azimuth step (deg)."""
+        return 180.0 / self.n_theta
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_r, n_theta) of a descriptor."""
+        return self.n_r, self.n_theta
+
+    def replace(self, **changes) -> DescriptorSettings:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SETTINGS_FILE = "descriptors.json"
+
+
+def settings_path() -> Path:
+    """Where the tuned settings live: ``data/models/descriptors.json``."""
+    return paths.data_dir("models") / SETTINGS_FILE
+
+
+def load_settings(path: str | Path | None = None) -> DescriptorSettings:
+    """The tuned settings (``data/models/descriptors.json``), or the defaults when none were saved.
+
+    Parameters
+    ----------
+    path
+        A settings JSON written by :func:`save_settings`; default :func:`settings_path`.
+    """
+    p = settings_path() if path is None else Path(path)
+    if not p.is_file():
+        if path is not None:
+            raise FileNotFoundError(
+                f"No descriptor settings at {p}; expected a JSON written by descriptors.save_settings"
+            )
+        return DescriptorSettings()
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Descriptor settings {p} are not valid JSON: {e}") from None
+    fields = {f.name for f in dataclasses.fields(DescriptorSettings)}
+    return DescriptorSettings(**{k: v for k, v in d.get("settings", d).items() if k in fields})
+
+
+def save_settings(settings: DescriptorSettings, path: str | Path | None = None, **info) -> Path:
+    """Write ``settings`` (plus ``info`` such as the tuning score) as JSON, atomically."""
+    p = settings_path() if path is None else Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"settings": settings.as_dict(), **info}, indent=2, default=float))
+    os.replace(tmp, p)
+    return p
+
+
+def radii(settings: DescriptorSettings) -> np.ndarray:
+    """(n_r,) bin-centre radii (1/Å)."""
+    edges = np.linspace(settings.r_min, settings.r_max, settings.n_r + 1)
+    return 0.5 * (edges[1:] + edges[:-1])
+
+
+def azimuths(settings: DescriptorSettings) -> np.ndarray:
+    """(n_theta,) azimuths (rad) of the folded grid: ``j * step``, j = 0..n_theta-1."""
+    return np.arange(settings.n_theta) * np.pi / settings.n_theta
+
+
+# --------------------------------------------------------------------------------------
+# Patterns
+# --------------------------------------------------------------------------------------
+
+
+def polar_transform(
+    patterns: np.ndarray, calibration: float, centers: np.ndarray, settings: DescriptorSettings
+) -> np.ndarray:
+    """Resample patterns onto the (unfolded) polar grid about their direct beam.
+
+    Parameters
+    ----------
+    patterns
+        (N, ky, kx) patterns.
+    calibration
+        1/Å per px.
+    centers
+        (N, 2) direct-beam centres (row, col) in px.
+    settings
+        The grid (``r_min``, ``r_max``, ``n_r``, ``n_theta``, ``oversample``).
+
+    Returns
+    -------
+    (N, n_r, 2 * n_theta) float32 over azimuth [0, 360) deg; samples off the frame are 0.
+    """
+    p = np.asarray(patterns, dtype=np.float32)
+    n, ky, kx = p.shape
+    ov = max(int(settings.oversample), 1)
+    edges = np.linspace(settings.r_min, settings.r_max, settings.n_r * ov + 1)
+    r = 0.5 * (edges[1:] + edges[:-1]) / calibration  # px
+    th = np.arange(2 * settings.n_theta) * np.pi / settings.n_theta
+    dy = (r[:, None] * np.sin(th)[None, :]).astype(np.float32).ravel()
+    dx = (r[:, None] * np.cos(th)[None, :]).astype(np.float32).ravel()
+    # zero border of 1 px: samples off the frame are clipped onto it (bilinear, no masks)
+    pad = np.zeros((n, ky + 3, kx + 3), np.float32)
+    pad[:, 1 : ky + 1, 1 : kx + 1] = p
+    wp = kx + 3
+    c = np.asarray(centers, dtype=np.float32).reshape(n, 2)
+    rows = np.clip(c[:, 0:1] + dy[None] + 1, 0, ky + 1)
+    cols = np.clip(c[:, 1:2] + dx[None] + 1, 0, kx + 1)
+    r0 = rows.astype(np.int32)
+    c0 = cols.astype(np.int32)
+    fr = rows - r0
+    fc = cols - c0
+    idx = r0 * wp + c0 + (np.arange(n, dtype=np.int32) * ((ky + 3) * wp))[:, None]
+    flat = pad.ravel()
+    top = np.take(flat, idx) * (1 - fc) + np.take(flat, idx + 1) * fc
+    bot = np.take(flat, idx + wp) * (1 - fc) + np.take(flat, idx + wp + 1) * fc
+    out = top * (1 - fr) + bot * fr
+    return out.reshape(n, settings.n_r, ov, -1).mean(axis=2)
+
+
+def prefilter(patterns: np.ndarray, calibration: float, settings: DescriptorSettings) -> np.ndarray:
+    """Gaussian smoothing of (N, ky, kx) patterns by ``settings.smooth`` (1/Å), as float32."""
+    p = np.asarray(patterns, np.float32)
+    s_px = settings.smooth / calibration
+    if s_px < 0.3:
+        return p
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(p, sigma=(0, s_px, s_px), truncate=3.0)
+
+
+def _remove_background(polar: np.ndarray, settings: DescriptorSettings) -> np.ndarray:
+    med = np.median(polar, axis=-1, keepdims=True)
+    if settings.background == "median":
+        polar = polar - med
+    elif settings.background == "opening":
+        from scipy import ndimage
+
+        width = max(3, int(round(settings.opening_deg / (180.0 / settings.n_theta))) | 1)
+        polar = polar - ndimage.grey_opening(polar, size=(1, 1, width), mode="wrap")
+    if settings.noise_k > 0:  # robust noise per radius: 1.4826 x median absolute deviation
+        mad = np.median(
+            np.abs(polar - np.median(polar, axis=-1, keepdims=True)), axis=-1, keepdims=True
+        )
+        polar = polar - np.float32(settings.noise_k * 1.4826) * mad
+    return np.clip(polar, 0, None)
+
+
+def _finish(desc: np.ndarray, zero_mean: bool) -> np.ndarray:
+    desc = desc.astype(np.float32, copy=False)
+    if zero_mean:
+        desc = desc - desc.mean(axis=(-2, -1), keepdims=True)
+    norm = np.sqrt((desc.astype(np.float64) ** 2).sum(axis=(-2, -1), keepdims=True))
+    return (desc / np.where(norm > 0, norm, 1)).astype(np.float32)
+
+
+def descriptors_from_polar(polar: np.ndarray, settings: DescriptorSettings) -> np.ndarray:
+    """Background removal, intensity transform, folding and normalisation of (N, n_r, 2 n_theta) polar images."""
+    x = _remove_background(np.asarray(polar, np.float32), settings)
+    x = x**settings.gamma
+    x = x[..., : settings.n_theta] + x[..., settings.n_theta :]
+    return _finish(x, settings.zero_mean)
+
+
+def pattern_descriptors(
+    patterns: np.ndarray,
+    calibration: float,
+    centers: np.ndarray | None = None,
+    settings: DescriptorSettings | None = None,
+) -> np.ndarray:
+    """Descriptors of a stack of raw patterns.
+
+    Parameters
+    ----------
+    patterns
+        (N, ky, kx) raw patterns (any real dtype).
+    calibration
+        1/Å per px of the patterns.
+    centers
+        (N, 2) direct-beam centres (row, col) in px; default :func:`temlib.io.find_direct_beam`.
+    settings
+        Default :func:`load_settings` (the tuned ones).
+
+    Returns
+    -------
+    (N, n_r, n_theta) float32, unit L2 norm each.
+    """
+    from . import io
+
+    settings = load_settings() if settings is None else settings
+    p = np.asarray(patterns)
+    if p.ndim != 3:
+        raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
+    if not calibration > 0:
+        raise ValueError(
+            f"Calibration {calibration!r} is not positive; expected 1/Å per px, e.g. 0.02"
+        )
+    if np.issubdtype(p.dtype, np.floating) and not np.isfinite(p).all():
+        raise ValueError("Patterns hold NaN or infinite values; expected finite intensities")
+    if centers is None:
+        centers = io.find_direct_beam(p)
+    centers = np.asarray(centers, float).reshape(len(p), 2)
+    p = prefilter(p, calibration, settings)
+    return descriptors_from_polar(polar_transform(p, calibration, centers, settings), settings)
+
+
+def pattern_descriptor(
+    pattern: np.ndarray,
+    calibration: float,
+    center: tuple[float, float] | None = None,
+    settings: DescriptorSettings | None = None,
+) -> np.ndarray:
+    """Descriptor (n_r, n_theta) of one (ky, kx) pattern (see :func:`pattern_descriptors`)."""
+    p = np.asarray(pattern)
+    if p.ndim != 2:
+        raise ValueError(f"Pattern of shape {p.shape} is not an image; expected (ky, kx)")
+    c = None if center is None else np.asarray(center, float).reshape(1, 2)
+    return pattern_descriptors(p[None], calibration, c, settings)[0]
+
+
+def map_descriptors(
+    signal,
+    settings: DescriptorSettings | None = None,
+    chunk: int = 32,
+    show_progressbar: bool = True,
+) -> np.ndarray:
+    """Descriptors of every pattern of a (lazy) map, one block at a time.
+
+    Parameters
+    ----------
+    signal
+        A map read by :func:`temlib.io.load_map` (rows, cols | ky, kx).
+    chunk
+        Scan pixels per block side.
+
+    Returns
+    -------
+    (rows, cols, n_r, n_theta) float32 (small: 14 kB per pattern at the defaults).
+    """
+    from . import io
+
+    settings = load_settings() if settings is None else settings
+    cal = io.calibration_of(signal)
+    h, w = signal.data.shape[:2]
+    out = np.zeros((h, w, *settings.shape), np.float32)
+    for (rs, cs), block in io.iter_chunks(signal, chunk, show_progressbar, desc="descriptors"):
+        r, c = block.shape[:2]
+        out[rs, cs] = pattern_descriptors(
+            block.reshape(r * c, *block.shape[2:]), cal, None, settings
+        ).reshape(r, c, *settings.shape)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Templates
+# --------------------------------------------------------------------------------------
+
+
+def template_descriptors(
+    xy: np.ndarray,
+    intensity: np.ndarray,
+    settings: DescriptorSettings | None = None,
+    batch: int = 1024,
+) -> np.ndarray:
+    """Descriptors of simulated spot lists, drawn on the folded polar grid.
+
+    Parameters
+    ----------
+    xy
+        (T, S, 2) spot positions (1/Å), zero-padded (:class:`temlib.simulate.TemplateLibrary`).
+    intensity
+        (T, S) spot intensities, 0 for padding.
+    settings
+        Default :func:`load_settings`.
+    batch
+        Templates drawn at once.
+
+    Returns
+    -------
+    (T, n_r, n_theta) float32, unit L2 norm each (all zero for a template without spots in range).
+    """
+    settings = load_settings() if settings is None else settings
+    xy = np.asarray(xy, np.float32)
+    inten = np.asarray(intensity, np.float32)
+    if xy.ndim != 3 or xy.shape[-1] != 2 or inten.shape != xy.shape[:2]:
+        raise ValueError(
+            f"Spot arrays of shapes {xy.shape} and {inten.shape} do not match; expected (T, S, 2) and (T, S)"
+        )
+    if settings.n_spots:  # keep the N strongest
+        order = np.argsort(-inten, axis=1, kind="stable")[:, : settings.n_spots]
+        xy = np.take_along_axis(xy, order[..., None], axis=1)
+        inten = np.take_along_axis(inten, order, axis=1)
+    rb = radii(settings).astype(np.float32)
+    th = azimuths(settings).astype(np.float32)
+    s2 = np.float32(2 * settings.sigma**2)
+    out = np.empty((len(xy), *settings.shape), np.float32)
+    for a in range(0, len(xy), batch):
+        sx, si = xy[a : a + batch], inten[a : a + batch]
+        r = np.hypot(sx[..., 0], sx[..., 1])
+        t = np.mod(np.arctan2(sx[..., 1], sx[..., 0]), np.pi)
+        imax = si.max(axis=1, keepdims=True)
+        w = np.where(
+            si > 0, (si / np.where(imax > 0, imax, 1)) ** settings.template_gamma, 0
+        ).astype(np.float32)
+        w = np.where(
+            (r > settings.r_min - 3 * settings.sigma) & (r < settings.r_max + 3 * settings.sigma),
+            w,
+            0,
+        )
+        radial = np.exp(-((rb[None, None, :] - r[..., None]) ** 2) / s2)  # (B, S, n_r)
+        d = np.mod(th[None, None, :] - t[..., None] + np.pi / 2, np.pi) - np.pi / 2
+        arc = np.exp(-((r[..., None] * d) ** 2) / s2)  # (B, S, n_theta)
+        out[a : a + batch] = np.matmul((radial * w[..., None]).transpose(0, 2, 1), arc)
+    return _finish(out, settings.zero_mean)
+
+
+def library_descriptors(lib, settings: DescriptorSettings | None = None) -> np.ndarray:
+    """(T, n_r, n_theta) descriptors of a :class:`temlib.simulate.TemplateLibrary`."""
+    return template_descriptors(lib.xy, lib.intensity, settings)
+
+
+# --------------------------------------------------------------------------------------
+# Ranking score and automatic tuning
+# --------------------------------------------------------------------------------------
+
+
+def inplane_correlation(
+    a: np.ndarray, b: np.ndarray, batch: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best correlation over every in-plane rotation of every pair.
+
+    Parameters
+    ----------
+    a
+        (N, n_r, n_theta) descriptors (patterns).
+    b
+        (T, n_r, n_theta) descriptors (templates).
+
+    Returns
+    -------
+    best
+        (N, T) largest correlation over the circular shifts.
+    shift
+        (N, T) the shift (azimuth bins) that gives it: ``a`` matches ``b`` turned by ``shift * step``.
+    """
+    from scipy import fft
+
+    n_theta = a.shape[-1]
+    fa = fft.rfft(a, axis=-1).transpose(2, 0, 1)  # (K, N, R)
+    fb = np.conj(fft.rfft(b, axis=-1)).transpose(2, 1, 0)  # (K, R, T)
+    best = np.empty((len(a), len(b)), np.float32)
+    shift = np.empty((len(a), len(b)), np.int32)
+    for i in range(0, len(a), batch):
+        c = fft.irfft(np.matmul(fa[:, i : i + batch], fb), n=n_theta, axis=0)  # (n_theta, n, T)
+        shift[i : i + batch] = c.argmax(axis=0)
+        best[i : i + batch] = c.max(axis=0)
+    return best, shift
+
+
+@dataclasses.dataclass
+class TuningSample:
+    """Real patterns from the training maps with their ground truth, for :func:`ranking_score`.
+
+    Attributes
+    ----------
+    polar_cache
+        Unfolded polar images per grid key (filled lazily).
+    patterns
+        (M, ky, kx) raw patterns; ``calibration`` (M,) 1/Å per px; ``centers`` (M, 2) px.
+    phase_id
+        (M,) phase ids into ``phases``.
+    quaternions
+        (M, 4) true orientations (sample -> crystal).
+    region
+        (M,) a region id unique over maps (patterns of one grain are not each other's competitors).
+    """
+
+    patterns: np.ndarray
+    calibration: np.ndarray
+    centers: np.ndarray
+    phase_id: np.ndarray
+    quaternions: np.ndarray
+    region: np.ndarray
+    phases: tuple[str, ...]
+    kv: float = 200.0
+    polar_cache: dict = dataclasses.field(default_factory=dict)
+    spot_cache: dict = dataclasses.field(default_factory=dict)
+    competitors: dict | None = None
+    competitor_near: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.patterns)
+
+    def polar(self, settings: DescriptorSettings) -> np.ndarray:
+        key = (
+            settings.r_min,
+            settings.r_max,
+            settings.n_r,
+            settings.n_theta,
+            settings.oversample,
+            settings.smooth,
+        )
+        if key not in self.polar_cache:
+            parts = [
+                polar_transform(
+                    prefilter(self.patterns[i : i + 1], float(self.calibration[i]), settings),
+                    float(self.calibration[i]),
+                    self.centers[i : i + 1],
+                    settings,
+                )
+                for i in range(len(self))
+            ]
+            self.polar_cache[key] = np.concatenate(parts)
+        return self.polar_cache[key]
+
+    def truth_spots(
+        self, g_max: float = 1.5, max_excitation_error: float = 0.05
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(M, S, 2) and (M, S) kinematic spots at the true orientations (as the template libraries)."""
+        key = (g_max, max_excitation_error)
+        if key not in self.spot_cache:
+            from . import simulate
+
+            n_s = 200
+            xy = np.zeros((len(self), n_s, 2), np.float32)
+            inten = np.zeros((len(self), n_s), np.float32)
+            for pid, name in enumerate(self.phases):
+                sel = np.flatnonzero(self.phase_id == pid)
+                if sel.size == 0:
+                    continue
+                from orix.quaternion import Rotation
+
+                refl = simulate.reflections(name, g_max=g_max)
+                sxy, si, _ = simulate.kinematic_spots(
+                    refl,
+                    Rotation(self.quaternions[sel]),
+                    kv=self.kv,
+                    max_excitation_error=max_excitation_error,
+                    max_spots=n_s,
+                )
+                xy[sel, : sxy.shape[1]] = sxy
+                inten[sel, : si.shape[1]] = si
+            self.spot_cache[key] = (xy, inten)
+        return self.spot_cache[key]
+
+
+def training_sample(
+    maps, n_per_map: int = 200, rng=None, min_phase_fraction: float = 0.2
+) -> TuningSample:
+    """Draw interior (single-crystal) patterns with their truth from synthetic maps.
+
+    Parameters
+    ----------
+    maps
+        :class:`temlib.synth.SynthMap` objects (the training maps).
+    n_per_map
+        Patterns drawn per map.
+    rng
+        Seed or generator.
+    min_phase_fraction
+        Each phase gets at least this fraction of the draws where the map has enough of it
+        (maps are mostly ferrite; the rare phases would otherwise barely be scored).
+    """
+    from . import crystal, io
+
+    rng = np.random.default_rng(rng)
+    out = {
+        k: [] for k in ("patterns", "calibration", "centers", "phase_id", "quaternions", "region")
+    }
+    for m_i, m in enumerate(maps):
+        t = m.truth_arrays()
+        sig = m.load(lazy=True)
+        cal = io.calibration_of(sig)
+        inside = t["weight"] >= 0.999
+        picks = []
+        n_ph = len(crystal.STEEL_PHASES)
+        for pid in range(n_ph):
+            cand = np.flatnonzero((inside & (t["phase_id"] == pid)).ravel())
+            k = min(
+                len(cand),
+                int(
+                    round(
+                        n_per_map
+                        * (min_phase_fraction if pid else 1 - min_phase_fraction * (n_ph - 1))
+                    )
+                ),
+            )
+            if k:
+                picks.append(rng.choice(cand, size=k, replace=False))
+        idx = np.sort(np.concatenate(picks)) if picks else np.zeros(0, int)
+        rr, cc = np.unravel_index(idx, t["phase_id"].shape)
+        data = sig.data
+        block = (
+            data.vindex[rr, cc].compute() if hasattr(data, "vindex") else np.asarray(data)[rr, cc]
+        )
+        out["patterns"].append(np.asarray(block))
+        out["calibration"].append(np.full(len(idx), cal))
+        out["centers"].append(io.find_direct_beam(np.asarray(block)))
+        out["phase_id"].append(t["phase_id"][rr, cc])
+        out["quaternions"].append(t["quaternions"][rr, cc])
+        out["region"].append(t["region"][rr, cc] + 100000 * m_i)
+    cat = {k: np.concatenate(v) for k, v in out.items()}
+    return TuningSample(**cat, phases=tuple(crystal.STEEL_PHASES))
+
+
+def _beam_dirs(q: np.ndarray) -> np.ndarray:
+    """(N, 3) beam direction (sample z) in the crystal frame of orientations q (sample -> crystal)."""
+    from orix.quaternion import Rotation
+    from orix.vector import Vector3d
+
+    return (Rotation(q) * Vector3d.zvector()).data.reshape(-1, 3)
+
+
+def add_library_competitors(
+    sample: TuningSample,
+    n_per_phase: int = 400,
+    resolution: float = 2.0,
+    excitation_error: float = 0.05,
+    rng=None,
+) -> None:
+    """Add random templates of each phase's library as competitors of :func:`ranking_score`.
+
+    Library templates whose beam direction lies within 5 deg (crystal symmetry, either
+    sign) of a pattern's true beam direction are not counted as its competitors.
+    """
+    from . import crystal, simulate
+
+    rng = np.random.default_rng(rng)
+    xs, its, ph, dirs = [], [], [], []
+    for pid, name in enumerate(sample.phases):
+        lib = simulate.template_library(
+            name, resolution=resolution, max_excitation_error=excitation_error
+        )
+        pick = rng.choice(lib.size, size=min(n_per_phase, lib.size), replace=False)
+        xs.append(lib.xy[pick])
+        its.append(lib.intensity[pick])
+        ph.append(np.full(len(pick), pid))
+        dirs.append(_beam_dirs(lib.rotations.data[pick]))
+    s_max = max(x.shape[1] for x in xs)
+    pad = lambda a, n: np.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+    sample.competitors = {
+        "xy": np.concatenate([pad(x, s_max) for x in xs]),
+        "intensity": np.concatenate([pad(x, s_max) for x in its]),
+        "phase_id": np.concatenate(ph),
+        "beam": np.concatenate(dirs),
+    }
+    # exclusion mask: competitor of the same phase with a beam direction near the truth
+    own = _beam_dirs(sample.quaternions)
+    near = np.zeros((len(sample), len(sample.competitors["phase_id"])), bool)
+    for pid, name in enumerate(sample.phases):
+        sel = np.flatnonzero(sample.phase_id == pid)
+        cs = np.flatnonzero(sample.competitors["phase_id"] == pid)
+        if sel.size == 0 or cs.size == 0:
+            continue
+        sym = crystal.get_phase(name).point_group.laue_proper_subgroup.to_matrix()  # (S, 3, 3)
+        eq = np.einsum("sij,cj->sci", sym, sample.competitors["beam"][cs])  # (S, C, 3)
+        cosang = np.abs(np.einsum("ni,sci->snc", own[sel], eq)).max(axis=0)
+        near[np.ix_(sel, cs)] = cosang > np.cos(np.radians(5.0))
+    sample.competitor_near = near
+
+
+def ranking_score(sample: TuningSample, settings: DescriptorSettings) -> dict:
+    """How well each pattern's descriptor picks out its own ground-truth template.
+
+    Every sampled pattern is correlated (best over in-plane rotations) with the
+    ground-truth templates of all sampled patterns (every phase; patterns of the same
+    grain are not competitors) and, after :func:`add_library_competitors`, with random
+    library templates of every phase (those near its true beam direction excluded).
+
+    Returns
+    -------
+    dict with ``top1`` (fraction whose own template scores highest), ``margin`` (mean of
+    ``(own - best other) / own``), ``median_rank``, ``top1_<phase>`` per phase and
+    ``phase_top1`` (fraction whose best competitor of another phase scores below the own template).
+    """
+    desc = descriptors_from_polar(sample.polar(settings), settings)
+    xy, inten = sample.truth_spots(
+        g_max=max(1.5, settings.r_max + 3 * settings.sigma),
+        max_excitation_error=settings.excitation_error,
+    )
+    tmpl = template_descriptors(xy, inten, settings)
+    best, _ = inplane_correlation(desc, tmpl)
+    own = np.diag(best).copy()
+    excluded = sample.region[:, None] == sample.region[None, :]
+    other_phase = sample.phase_id[:, None] != sample.phase_id[None, :]
+    comp = getattr(sample, "competitors", None)
+    if comp is not None:
+        cd = template_descriptors(comp["xy"], comp["intensity"], settings)
+        cb, _ = inplane_correlation(desc, cd)
+        best = np.concatenate([best, cb], axis=1)
+        excluded = np.concatenate([excluded, sample.competitor_near], axis=1)
+        other_phase = np.concatenate(
+            [other_phase, sample.phase_id[:, None] != comp["phase_id"][None, :]], axis=1
+        )
+    masked = np.where(excluded, -np.inf, best)
+    other = masked.max(axis=1)
+    rank = (masked >= own[:, None]).sum(axis=1)
+    ok = own > other
+    out = {
+        "top1": float(ok.mean()),
+        "margin": float(np.mean((own - other) / np.maximum(own, 1e-6))),
+        "median_rank": float(np.median(rank)),
+        "phase_top1": float(
+            (own > np.where(other_phase & ~excluded, best, -np.inf).max(axis=1)).mean()
+        ),
+    }
+    for pid, name in enumerate(sample.phases):
+        sel = sample.phase_id == pid
+        out[f"top1_{name}"] = float(ok[sel].mean()) if sel.any() else float("nan")
+    return out
+
+
+SEARCH_SPACE: dict[str, tuple] = {
+    "background": ("none", "median", "opening"),
+    "smooth": (0.0, 0.01, 0.02, 0.03),
+    "noise_k": (0.0, 1.0, 2.0, 3.0),
+    "gamma": (0.3, 0.5, 0.7, 1.0),
+    "template_gamma": (0.25, 0.5, 0.75, 1.0),
+    "sigma": (0.01, 0.015, 0.02, 0.03),
+    "n_spots": (10, 20, 30, 50, 0),
+    "zero_mean": (False, True),
+    "r_min": (0.1, 0.2, 0.3),
+    "r_max": (1.0, 1.15, 1.3),
+    "excitation_error": (0.03, 0.05, 0.08),
+}
+
+
+def tune(
+    sample: TuningSample,
+    start: DescriptorSettings | None = None,
+    space: dict[str, tuple] | None = None,
+    rounds: int = 2,
+    show_progressbar: bool = True,
+):
+    """Choose descriptor settings by coordinate ascent on :func:`ranking_score`.
+
+    Each round tries every value of every parameter in ``space`` with the others held at
+    the current best, keeping a change when it raises the objective
+    ``top1 + 0.5 * margin``. Stops early when a round changes nothing.
+
+    Returns
+    -------
+    best
+        The chosen :class:`DescriptorSettings`.
+    table
+        pandas DataFrame, one row per setting evaluated (the parameter changed, its value,
+        the scores, and whether it is the final choice).
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    space = SEARCH_SPACE if space is None else space
+    for k in space:
+        if k not in {f.name for f in dataclasses.fields(DescriptorSettings)}:
+            raise ValueError(
+                f"Unknown descriptor parameter {k!r} in the search space; expected fields of DescriptorSettings"
+            )
+    best = DescriptorSettings() if start is None else start
+    seen: dict = {}
+
+    def evaluate(s):
+        key = tuple(sorted(s.as_dict().items()))
+        if key not in seen:
+            sc = ranking_score(sample, s)
+            sc["objective"] = sc["top1"] + 0.5 * sc["margin"]
+            seen[key] = sc
+        return seen[key]
+
+    rows = []
+    best_score = evaluate(best)
+    rows.append({"round": 0, "parameter": "(start)", "value": "", **best.as_dict(), **best_score})
+    total = rounds * sum(len(v) for v in space.values())
+    bar = tqdm(total=total, desc="tuning descriptors", disable=not show_progressbar)
+    for rnd in range(1, rounds + 1):
+        changed = False
+        for name, values in space.items():
+            for v in values:
+                bar.update(1)
+                cand = best.replace(**{name: v})
+                sc = evaluate(cand)
+                rows.append(
+                    {"round": rnd, "parameter": name, "value": str(v), **cand.as_dict(), **sc}
+                )
+                if sc["objective"] > best_score["objective"] + 1e-9:
+                    best, best_score, changed = cand, sc, True
+        if not changed:
+            break
+    bar.close()
+    table = pd.DataFrame(rows)
+    table["chosen"] = [
+        all(r[k] == v for k, v in best.as_dict().items()) for r in table.to_dict("records")
+    ]
+    return best, table
+
+
+def render_spots(
+    xy: np.ndarray,
+    intensity: np.ndarray,
+    size: int = 144,
+    calibration: float = 0.02,
+    sigma_px: float = 1.2,
+    centers: np.ndarray | None = None,
+    gamma: float = 1.0,
+) -> np.ndarray:
+    """Draw spot lists as (N, size, size) float32 patterns of Gaussian spots (no direct beam, no noise).
+
+    Parameters
+    ----------
+    xy
+        (N, S, 2) spot positions (1/Å), zero-padded; ``intensity`` (N, S), 0 for padding.
+    centers
+        (N, 2) beam centres (row, col) px; default the middle ``(size / 2, size / 2)``.
+    gamma
+        Intensities drawn as ``I ** gamma``.
+    """
+    xy = np.asarray(xy, np.float32)
+    inten = np.asarray(intensity, np.float32)
+    n = len(xy)
+    c = (
+        np.full((n, 2), size / 2, np.float32)
+        if centers is None
+        else np.asarray(centers, np.float32).reshape(n, 2)
+    )
+    px = np.arange(size, dtype=np.float32)
+    rows = c[:, 0:1] + xy[..., 1] / calibration  # (N, S)
+    cols = c[:, 1:2] + xy[..., 0] / calibration
+    gr = np.exp(-((px[None, None, :] - rows[..., None]) ** 2) / (2 * sigma_px**2))  # (N, S, size)
+    gc = np.exp(-((px[None, None, :] - cols[..., None]) ** 2) / (2 * sigma_px**2))
+    w = np.where(inten > 0, np.clip(inten, 0, None) ** gamma, 0).astype(np.float32)
+    return np.matmul((gr * w[..., None]).transpose(0, 2, 1), gc)
