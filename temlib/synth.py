@@ -51,7 +51,7 @@ from . import crystal, paths, simulate
 log = logging.getLogger(__name__)
 
 PHASES = crystal.STEEL_PHASES  # phase ids 0, 1, 2 in every map
-GENERATOR_VERSION = 2  # part of the cache key of steel_maps: bump when the look of patterns changes
+GENERATOR_VERSION = 3  # part of the cache key of steel_maps: bump when the look of patterns changes
 PHASE_ID = {name: i for i, name in enumerate(PHASES)}
 MAX_SPOTS = {"ferrite": 60, "NbC": 80, "cementite": 160}
 
@@ -363,7 +363,9 @@ def _gaussian_matrix(size: int, sigma: float, sources: np.ndarray) -> np.ndarray
     return (np.exp(-0.5 * (d / sigma) ** 2) / (np.sqrt(2 * np.pi) * sigma)).astype(np.float32)
 
 
-def _splat(n: int, size: int, pat: np.ndarray, rows: np.ndarray, cols: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _splat(
+    n: int, size: int, pat: np.ndarray, rows: np.ndarray, cols: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
     """Bilinear splat of spot counts into a (size, n, size) float32 stack (row, pattern, col).
 
     The stack is kept row-major across patterns so that blurring along both axes is one
@@ -372,7 +374,12 @@ def _splat(n: int, size: int, pat: np.ndarray, rows: np.ndarray, cols: np.ndarra
     grid = np.zeros(size * n * size, np.float32)
     r0, c0 = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
     fr, fc = (rows - r0).astype(np.float32), (cols - c0).astype(np.float32)
-    for dr, dc, w in ((0, 0, (1 - fr) * (1 - fc)), (1, 0, fr * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 1, fr * fc)):
+    for dr, dc, w in (
+        (0, 0, (1 - fr) * (1 - fc)),
+        (1, 0, fr * (1 - fc)),
+        (0, 1, (1 - fr) * fc),
+        (1, 1, fr * fc),
+    ):
         r, c = r0 + dr, c0 + dc
         ok = (r >= 0) & (r < size) & (c >= 0) & (c < size)
         np.add.at(grid, (r[ok] * n + pat[ok]) * size + c[ok], counts[ok] * w[ok])
@@ -386,6 +393,15 @@ def _separable(stack: np.ndarray, rows_m: np.ndarray, cols_m: np.ndarray) -> np.
     return (rows_m @ t.reshape(h, -1)).reshape(rows_m.shape[0], n, cols_m.shape[0])  # along rows
 
 
+def noise_bank(size: int, rng=None) -> np.ndarray:
+    """(size,) standard normal float32 values that blocks read at random offsets.
+
+    Drawing 5 million normals costs more than rendering the spots, so a map draws one
+    bank (32 MB) and each block reads its noise from random offsets into it.
+    """
+    return np.random.default_rng(rng).standard_normal(size, dtype=np.float32)
+
+
 def render_patterns(
     camera: Camera,
     tables: dict,
@@ -396,6 +412,7 @@ def render_patterns(
     weight: np.ndarray,
     center: np.ndarray,
     rng,
+    bank: np.ndarray | None = None,
 ) -> np.ndarray:
     """Render N patterns, each a weighted sum of up to two crystals, as uint8.
 
@@ -417,6 +434,8 @@ def render_patterns(
         (N, 2) beam centre (row, col) in px.
     rng
         numpy Generator for the noise.
+    bank
+        Standard normals to read the noise from (:func:`noise_bank`); default drawn here.
 
     Returns
     -------
@@ -465,23 +484,33 @@ def render_patterns(
     for s_t, w_t in zip(camera.tail_sigmas, camera.tail_weights, strict=True):
         m = _gaussian_matrix(size, s_t, cells) * np.float32(np.sqrt(w_t))
         image += _separable(pooled, m, m)
-    # diffuse background falling with |k| (more in thicker foil)
-    cal = np.float32(camera.calibration)
-    dr = (px[:, None] - center[None, :, 0].astype(np.float32)) * cal  # (row, pattern)
-    dc = (px[:, None] - center[None, :, 1].astype(np.float32)) * cal  # (col, pattern)
-    k2 = dr[:, :, None] ** 2 + dc.T[None, :, :] ** 2
-    t_mean = (np.where(region >= 0, thickness, 0) * weight).sum(axis=1).astype(np.float32)
-    amp = np.float32(camera.background) * t_mean / np.float32(75.0)
-    image += amp[None, :, None] / (1 + k2 * np.float32(1 / camera.background_k**2))
+    # diffuse background falling with |k| (more in thicker foil): two broad Gaussians about the
+    # direct beam, drawn like the tails from a pooled grid holding only the beam position
+    t_mean = (np.where(region >= 0, thickness, 0) * weight).sum(axis=1)
+    sig0 = camera.background_k / camera.calibration  # px
+    beam = _splat(
+        n,
+        size // f,
+        np.arange(n),
+        (center[:, 0] - (f - 1) / 2) / f,
+        (center[:, 1] - (f - 1) / 2) / f,
+        camera.background * t_mean / 75.0,
+    )
+    for s_b, w_b in ((sig0, 0.7), (3.0 * sig0, 0.3)):
+        m = _gaussian_matrix(size, s_b, cells) * np.float32(np.sqrt(w_b * 2 * np.pi) * s_b)
+        image += _separable(beam, m, m)
     image += np.float32(camera.background_floor)
-    # shot noise (Gaussian approximation, variance = counts) from a shifted noise bank, then the camera
+    # shot noise (Gaussian approximation, variance = counts) read from a noise bank, then the camera
     flat = image.reshape(size, n * size)
     npx = flat.size
-    bank = rng.standard_normal(npx + 4096, dtype=np.float32)
-    o1, o2 = rng.integers(0, 4096, size=2)
+    if bank is None or bank.size < npx + 4096:
+        bank = noise_bank(2 * npx + 4096, rng)
+    o1, o2 = rng.integers(0, bank.size - npx, size=2)
     adu = flat + np.sqrt(flat) * bank[o1 : o1 + npx].reshape(flat.shape)
     adu *= np.float32(camera.gain)
-    adu += np.float32(camera.read_noise) * bank[o2 : o2 + npx][::-1].reshape(flat.shape) + np.float32(camera.offset)
+    adu += np.float32(camera.read_noise) * bank[o2 : o2 + npx][::-1].reshape(
+        flat.shape
+    ) + np.float32(camera.offset)
     out = np.clip(adu, 0, 255, out=adu).astype(np.uint8).reshape(size, n, size)
     return np.ascontiguousarray(out.transpose(1, 0, 2))
 
@@ -596,12 +625,19 @@ class _Plan:
     def __init__(self, micro: Microstructure, camera: Camera, centers: np.ndarray, seed: int):
         self.micro, self.camera, self.centers, self.seed = micro, camera, centers, seed
         self._tables = None
+        self._bank = None
 
     @property
     def tables(self):
         if self._tables is None:
             self._tables = _phase_tables(self.camera, self.seed)
         return self._tables
+
+    @property
+    def bank(self):
+        if self._bank is None:
+            self._bank = noise_bank(8 * 2**20, [self.seed, 11])
+        return self._bank
 
     def block(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         from threadpoolctl import threadpool_limits
@@ -629,7 +665,7 @@ class _Plan:
         weight = np.stack([w, 1 - w], axis=1)
         center = self.centers[r0:r1, c0:c1].reshape(n, 2)
         out = render_patterns(
-            self.camera, self.tables, rot, phase, region, thick, weight, center, rng
+            self.camera, self.tables, rot, phase, region, thick, weight, center, rng, self.bank
         )
         return out.reshape(r1 - r0, c1 - c0, self.camera.size, self.camera.size)
 
