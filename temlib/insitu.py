@@ -467,7 +467,7 @@ def simulate_video(
             g = rng.exponential(growth_nm_per_frame)
             if rng.random() < shrink_fraction:
                 g = -abs(rng.exponential(growth_nm_per_frame)) * 0.5
-            d = _new_defect(next_id, row, col, rng.uniform(1.8, 3.0), rng, g, edge_on_fraction)
+            d = _new_defect(next_id, row, col, rng.uniform(2.5, 3.5), rng, g, edge_on_fraction)
             alive.append(d)
             events.append(
                 {

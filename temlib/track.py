@@ -120,8 +120,9 @@ def train_detector(
         class_names=insitu.CLASS_NAMES,
     )
     seed = int(rng.integers(0, 2**31 - 1))
-    # few iterations on a CPU: step the optimiser every batch (no accumulation), short warm-up
-    kw = dict(nbs=batch, warmup_epochs=1.0, optimizer="AdamW", lr0=0.002)
+    # few iterations on a CPU: step the optimiser every batch (no accumulation), short warm-up,
+    # validate only after the last epoch, images cached in memory
+    kw = dict(nbs=batch, warmup_epochs=1.0, optimizer="AdamW", lr0=0.002, val=False, cache="ram")
     kw.update(train_kwargs)
     best = detect.train(
         ds,
@@ -367,6 +368,31 @@ def link(
     return filter_tracks(det, min_length)
 
 
+def fill_gaps(tracks: pd.DataFrame) -> pd.DataFrame:
+    """Add the frames a track was missed in (within its memory) by linear interpolation.
+
+    Interpolated rows get ``conf = 0``; other columns are interpolated (``cls`` copied).
+    """
+    if tracks.empty:
+        return tracks
+    parts = [tracks]
+    num = [c for c in ("x1", "y1", "x2", "y2") if c in tracks]
+    for tid, d in tracks.groupby("track_id"):
+        f = d.frame.to_numpy(int)
+        if len(f) < 2 or np.all(np.diff(f) == 1):
+            continue
+        missing = np.setdiff1d(np.arange(f.min(), f.max() + 1), f)
+        order = np.argsort(f)
+        rows = {"frame": missing, "track_id": tid, "conf": 0.0}
+        for c in num:
+            rows[c] = np.interp(missing, f[order], d[c].to_numpy(float)[order])
+        if "cls" in d:
+            rows["cls"] = d.cls.to_numpy()[order][np.searchsorted(f[order], missing) - 1]
+        parts.append(pd.DataFrame(rows))
+    out = pd.concat(parts, ignore_index=True)
+    return out.sort_values(["frame", "track_id"]).reset_index(drop=True)
+
+
 def filter_tracks(tracks: pd.DataFrame, min_length: int = 1) -> pd.DataFrame:
     """Tracks seen in at least ``min_length`` frames."""
     if min_length <= 1 or tracks.empty:
@@ -449,6 +475,7 @@ def track_frames(
     max_distance_px: float = 8.0,
     memory: int = 3,
     min_length: int = 1,
+    fill: bool = True,
     progress: bool = True,
     timings: list | None = None,
 ) -> pd.DataFrame:
@@ -469,6 +496,8 @@ def track_frames(
         each frame: fill ``diameter_nm``, ``time_s`` and ``dose`` (NaN when not given).
     max_distance_px, memory, min_length
         Linking options (:func:`link`).
+    fill
+        Fill the frames a track was missed in (:func:`fill_gaps`, ``conf = 0``).
     progress
         Show a tqdm bar.
     timings
@@ -514,6 +543,8 @@ def track_frames(
     if tracks.empty:
         return pd.DataFrame(columns=TRACK_COLUMNS)
     tracks = filter_tracks(tracks, min_length)
+    if fill:
+        tracks = fill_gaps(tracks)
     return _finish_table(tracks, nm_per_px, fps, dose_rate, dose)
 
 

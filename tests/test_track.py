@@ -307,3 +307,24 @@ def test_native_scale_model_pads_small_frames(tiny_model):
     b = det.predict(frame, conf=0.01)[0]
     assert seen == [(256, 256, 1)]
     assert len(b) == 0 or ((b[:, 2] <= 140).all() and (b[:, 3] <= 100).all())
+
+
+def test_fill_gaps_interpolates_missed_frames():
+    t = pd.DataFrame(
+        {
+            "frame": [0, 3, 0],
+            "track_id": [1, 1, 2],
+            "x1": [0.0, 3.0, 50],
+            "y1": [0.0, 6.0, 50],
+            "x2": [4.0, 7.0, 54],
+            "y2": [4.0, 10.0, 54],
+            "conf": [0.9, 0.8, 0.7],
+            "cls": [0, 1, 0],
+        }
+    )
+    f = track.fill_gaps(t)
+    one = f[f.track_id == 1].set_index("frame")
+    assert one.index.tolist() == [0, 1, 2, 3] and one.conf.tolist() == [0.9, 0.0, 0.0, 0.8]
+    np.testing.assert_allclose(one.x1, [0, 1, 2, 3])
+    np.testing.assert_allclose(one.y2, [4, 6, 8, 10])
+    assert len(f[f.track_id == 2]) == 1
