@@ -1285,18 +1285,44 @@ def plot_boxes(image: np.ndarray, truth=None, pred=None, ax=None, title: str = "
     return ax
 
 
-def frame_scrubber(frames, tracks: pd.DataFrame, tail: int = 20):
-    """An ipywidgets slider over ``frames`` (T, M, N) or paths, drawing the tracks of each frame."""
-    import ipywidgets as widgets
+def frame_scrubber(frames, tracks: pd.DataFrame, step: int = 1, tail: int = 20, size: float = 6.0):
+    """A frame scrubber (slider + player) over ``frames`` with their tracks, as HTML.
+
+    Made with matplotlib's ``to_jshtml`` so it also works in a static HTML report (no
+    running kernel, no widget comms).
+
+    Parameters
+    ----------
+    frames
+        (T, M, N) frames or a list of frame paths.
+    tracks
+        Tracks table.
+    step
+        Show every ``step``-th frame (keeps the page small).
+    tail, size
+        Track tail length (frames) and figure width (inches).
+    """
     import matplotlib.pyplot as plt
+    from IPython.display import HTML
+    from matplotlib import animation
 
-    def show(frame: int = 0):
-        f = frames[frame]
-        img = detect.read_image(f) if isinstance(f, str | Path) else f
-        fig, ax = plt.subplots(figsize=(7, 5))
-        plot_tracks(img, tracks, frame, ax=ax, tail=tail)
-        plt.show()
+    if step < 1:
+        raise ValueError(f"step must be a positive integer, got {step!r}")
+    idx = list(range(0, len(frames), step))
 
-    return widgets.interact(
-        show, frame=widgets.IntSlider(0, 0, len(frames) - 1, 1, continuous_update=False)
-    )
+    def image(k):
+        f = frames[k]
+        return detect.read_image(f) if isinstance(f, str | Path) else np.asarray(f)
+
+    first = image(idx[0])
+    fig, ax = plt.subplots(figsize=(size, size * first.shape[0] / first.shape[1]), dpi=72)
+
+    def draw(n):
+        ax.clear()
+        plot_tracks(image(idx[n]), tracks, idx[n], ax=ax, tail=tail)
+
+    anim = animation.FuncAnimation(fig, draw, frames=len(idx), interval=200)
+    with plt.rc_context({"animation.frame_format": "jpeg"}):  # noisy frames: JPEG is 5x smaller
+        page = anim.to_jshtml(default_mode="once")
+    plt.close(fig)
+    return HTML(page)

@@ -328,3 +328,13 @@ def test_fill_gaps_interpolates_missed_frames():
     np.testing.assert_allclose(one.x1, [0, 1, 2, 3])
     np.testing.assert_allclose(one.y2, [4, 6, 8, 10])
     assert len(f[f.track_id == 2]) == 1
+
+
+def test_frame_scrubber_is_static_html():
+    v = insitu.simulate_video(
+        4, (64, 64), nucleation_per_nm2_dpa=0.5, dose_rate=1e-2, rng=1, with_masks=False
+    )
+    page = track.frame_scrubber(v.frames, track.truth_as_tracks(v), step=2, size=2.0)
+    assert "<input" in page.data and page.data.count("data:image/jpeg") == 2
+    with pytest.raises(ValueError, match="step must be a positive integer"):
+        track.frame_scrubber(v.frames, track.truth_as_tracks(v), step=0)
