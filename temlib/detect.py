@@ -698,7 +698,9 @@ class Detector:
             raise ValueError(f"overlap {overlap!r} is out of range; expected 0 <= overlap < 0.9")
         frames = _as_frames(image_or_batch)
         if tile == "auto":
-            big = max(max(f.shape) for f in frames) > 1.5 * self.imgsz
+            # native-scale models (in-situ) tile any frame larger than imgsz: never shrink defects
+            limit = 1.0 if self.metadata.get("native_scale") else 1.5
+            big = max(max(f.shape) for f in frames) > limit * self.imgsz
             tile = self.imgsz if big else None
         if tile is None:
             return self._run(frames, conf, iou, batch)
