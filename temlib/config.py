@@ -164,13 +164,43 @@ def load(notebook: str, profile: str = "default", **overrides: Any) -> Params:
     return Params(notebook=notebook, profile=profile, values=checked)
 
 
+def _injected_names(namespace: Mapping[str, Any]) -> list[str]:
+    """Names assigned in papermill's injected-parameters cell, from IPython's input history."""
+    import ast
+
+    history = namespace.get("In")
+    if not isinstance(history, list):
+        return []
+    names: list[str] = []
+    for source in history:
+        if isinstance(source, str) and source.lstrip().startswith("# Parameters"):
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue
+            names = [
+                t.id
+                for node in tree.body
+                if isinstance(node, ast.Assign)
+                for t in node.targets
+                if isinstance(t, ast.Name)
+            ]
+    return names
+
+
 def from_namespace(notebook: str, namespace: Mapping[str, Any]) -> Params:
     """Resolve parameters from a notebook's variables (its ``parameters`` cell).
 
     ``namespace["profile"]`` picks the profile; every other parameter of the notebook
-    that is present and not ``None`` overrides it.
+    that is present and not ``None`` overrides it. A name papermill injected that the
+    notebook does not know (``-p n_grain 3``) is an error, not a silent no-op.
     """
     keys = defaults(notebook)
+    unknown = [n for n in _injected_names(namespace) if n != "profile" and n not in keys]
+    if unknown:
+        raise ValueError(
+            f"Unknown parameter {unknown[0]!r} for {notebook}; expected one of {sorted(keys)}"
+        )
     overrides = {k: namespace[k] for k in keys if k in namespace and namespace[k] is not None}
     return load(notebook, namespace.get("profile", "default") or "default", **overrides)
 

@@ -80,3 +80,11 @@ def test_real_params_all_load():
         for profile in config.profiles():
             config.load(nb, profile)
     assert paths.params_dir().is_dir()
+
+
+def test_from_namespace_rejects_unknown_injected_parameter(params_tree):
+    history = ["", "profile = 'default'", '# Parameters\nprofile = "ci"\nn_grain = 3\n']
+    with pytest.raises(ValueError, match="Unknown parameter 'n_grain' for 99_demo"):
+        config.from_namespace("99_demo", {"In": history, "profile": "ci"})
+    ok = ["", '# Parameters\nprofile = "ci"\nsigma = 2.0\n']
+    assert config.from_namespace("99_demo", {"In": ok, "profile": "ci", "sigma": 2.0}).sigma == 2.0
