@@ -626,6 +626,7 @@ class _Plan:
         self.micro, self.camera, self.centers, self.seed = micro, camera, centers, seed
         self._tables = None
         self._bank = None
+        self.progress = None  # a tqdm bar updated after every block
 
     @property
     def tables(self):
@@ -643,7 +644,10 @@ class _Plan:
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(1):  # dask runs one block per core: no nested BLAS threads
-            return self._block(r0, r1, c0, c1)
+            out = self._block(r0, r1, c0, c1)
+        if self.progress is not None:
+            self.progress.update((r1 - r0) * (c1 - c0))
+        return out
 
     def _block(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         m = self.micro
@@ -733,27 +737,6 @@ def write_truth(micro: Microstructure, folder: Path, step_nm: float, centers: np
     )
 
 
-class _TqdmCallback:
-    """A dask callback that shows a tqdm bar over the map's blocks."""
-
-    def __new__(cls, total: int, desc: str, disable: bool):
-        from dask.callbacks import Callback
-        from tqdm.auto import tqdm
-
-        class _CB(Callback):
-            def _start(self, dsk):
-                self.bar = tqdm(total=total, desc=desc, unit="block", disable=disable)
-
-            def _posttask(self, key, result, dsk, state, worker_id):
-                if isinstance(key, tuple) and "make" in str(key[0]):
-                    self.bar.update(1)
-
-            def _finish(self, dsk, state, errored):
-                self.bar.close()
-
-        return _CB()
-
-
 def generate_map(
     folder: str | Path,
     shape: tuple[int, int] = (64, 64),
@@ -825,14 +808,20 @@ def generate_map(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
+        from tqdm.auto import tqdm
+
         from . import io
 
         data = _dask_map(plan, chunk)
-        n_blocks = int(np.prod(data.numblocks))
-        with _TqdmCallback(n_blocks, f"patterns {folder.name}", not show_progressbar):
+        n = int(np.prod(shape))
+        with tqdm(
+            total=n, desc=f"patterns {folder.name}", unit="pattern", disable=not show_progressbar
+        ) as bar:
+            plan.progress = bar
             io.save_map(
                 tmp / "patterns.zspy", data, calibration=camera.calibration, kv=kv, step_nm=step_nm
             )
+            plan.progress = None
         write_truth(micro, tmp, step_nm, centers)
         seconds = time.perf_counter() - t0
         spec = {
