@@ -20,7 +20,9 @@ Training data
     spot drop-out and spot width (domain randomisation, so the regressor does not learn
     one simulator's look), draws the descriptors with :func:`temlib.descriptors.template_descriptors`
     and adds in-plane rotations as circular shifts of the descriptor (label ``R Rz(-phi)``).
-    :func:`real_set` takes descriptors of real patterns from the training maps with labels
+    :func:`rendered_set` adds camera-like rendered patterns (:mod:`temlib.synth`, a new
+    random camera per batch) pushed through the same front end as real patterns; the mix of
+    two generators guards against learning one simulator's look. :func:`real_set` takes descriptors of real patterns from the training maps with labels
     from the ground truth (synthetic maps) or a reference indexing; :func:`fine_tune`
     continues training on them (mixed with synthetic data so the rest of the fundamental
     zone is not forgotten).
@@ -566,6 +568,51 @@ def synthetic_set(
     return desc[:n], labels[:n]
 
 
+def rendered_set(
+    phase: str,
+    n: int,
+    settings: descriptors.DescriptorSettings | None = None,
+    kv: float = 200.0,
+    batch: int = 500,
+    n_shifts: int = 1,
+    thickness_nm: tuple[float, float] = (30.0, 120.0),
+    rng=None,
+    show_progressbar: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors of camera-like rendered patterns at random orientations, with labels.
+
+    Each batch draws a new camera look (:func:`temlib.synth.random_camera`: PSF, noise,
+    background, precession, calibration), a thickness and beam-centre offsets, renders the
+    patterns (:func:`temlib.synth.simulate_patterns`) and computes their descriptors with
+    the same front end as real patterns (:func:`fast_descriptors`). This closes most of the
+    gap between drawn templates and real descriptors; mixing it with :func:`synthetic_set`
+    (another generator) keeps the regressor from learning one simulator's look.
+
+    Returns
+    -------
+    (n * n_shifts, n_r, n_theta) descriptors and their (n * n_shifts, 4) orientations.
+    """
+    from tqdm.auto import tqdm
+
+    from . import synth
+
+    settings = descriptors.load_settings() if settings is None else settings
+    rng = np.random.default_rng(rng)
+    q = synth.random_quaternions(n, rng)
+    out = np.empty((n, *settings.shape), np.float32)
+    for a in tqdm(range(0, n, batch), desc=f"rendering {phase}", disable=not show_progressbar):
+        qb = q[a : a + batch]
+        cam = synth.random_camera(rng, kv=kv)
+        centers = cam.center + rng.uniform(-3, 3, size=(len(qb), 2))
+        pats = synth.simulate_patterns(
+            phase, Rotation(qb), cam, float(rng.uniform(*thickness_nm)), centers, rng
+        )
+        out[a : a + len(qb)], _ = fast_descriptors(pats, cam.calibration, None, settings)
+    if n_shifts > 1:
+        return shift_augment(out, q, n_shifts, rng)
+    return out, q
+
+
 def real_set(
     maps,
     phase: str,
@@ -746,9 +793,9 @@ class SearchSpace:
     2x2 max pooling, then dense layers.
     """
 
-    conv_blocks: tuple = (0, 2, 3)
-    filters: tuple = (16, 32)
-    kernel: tuple = (3, 5)
+    conv_blocks: tuple = (0, 1)
+    filters: tuple = (8, 16)
+    kernel: tuple = (3,)
     dense_layers: tuple = (1, 2)
     dense_units: tuple = (256, 512)
     dropout: tuple = (0.0, 0.1)
@@ -1031,9 +1078,11 @@ class LocalTemplates:
     templates
         The phase's :class:`temlib.match.PhaseTemplates` (quaternions, conjugate spectra).
     spectra
-        (T, K, R) complex64, the same spectra template-major (gathered per pattern).
+        (2T, K, R) complex64 conjugate spectra template-major (gathered per pattern): the
+        templates, then their mirror images (orientations ``R_t C2y``, :attr:`quaternions`).
     directions
-        (S, T, 3) every symmetry-equivalent beam direction of every template (crystal frame).
+        (S, T, 3) every symmetry-equivalent beam direction of every template (crystal frame);
+        a mirror image has the opposite beam direction (the same up to the Friedel pair).
     resolution
         Template sampling step (deg).
     """
@@ -1042,6 +1091,13 @@ class LocalTemplates:
     spectra: np.ndarray
     directions: np.ndarray
     resolution: float
+
+    @property
+    def quaternions(self) -> np.ndarray:
+        """(2T, 4) orientations of the templates and of their mirror images ``R_t C2y``."""
+        c2y = np.array([0.0, 0.0, 1.0, 0.0])
+        q = self.templates.quaternions
+        return np.concatenate([q, qmul(q, c2y)])
 
     @classmethod
     def from_library(cls, library, phase: str) -> LocalTemplates:
@@ -1054,7 +1110,12 @@ class LocalTemplates:
         t_dirs = beam_directions(pt.quaternions)  # (T, 3)
         sym = quaternions_to_matrices(pt.symmetry)  # (S, 3, 3)
         dirs = np.einsum("sij,tj->sti", sym, t_dirs).astype(np.float32)
-        spectra = np.ascontiguousarray(pt.spectra.transpose(2, 0, 1))
+        spec = pt.spectra
+        # (T, K, R) template-major; older libraries held (K, R, T)
+        spec = spec if spec.shape[0] == pt.size else spec.transpose(2, 0, 1)
+        # the mirror image (y -> -y) of template t is the pattern of R_t C2y, and mirroring a
+        # descriptor conjugates its azimuthal spectrum (as temlib.match): templates T..2T-1
+        spectra = np.ascontiguousarray(np.concatenate([spec, np.conj(spec)]))
         return cls(pt, spectra, dirs, float(library.params.get("resolution", 1.0)))
 
 
@@ -1089,6 +1150,11 @@ class HybridResult:
 
 
 def _local_correlation(desc, seeds, local: LocalTemplates, n_candidates: int, batch: int):
+    """Correlate each pattern with the templates (and mirror images) nearest to its seed.
+
+    Returns (N, 2k) template indices into ``local.quaternions``, correlations, in-plane
+    angles (deg) and beam-direction distances to the seed (deg).
+    """
     from scipy import fft
 
     n_theta = desc.shape[-1]
@@ -1096,43 +1162,34 @@ def _local_correlation(desc, seeds, local: LocalTemplates, n_candidates: int, ba
     dirs = local.directions.reshape(-1, 3)
     n = len(desc)
     k = min(n_candidates, t)
-    out_t = np.empty((n, k), np.int64)
-    out_v = np.empty((n, k))
-    out_a = np.empty((n, k))
-    out_d = np.empty((n, k))
+    out = [np.empty((n, 2 * k), dt) for dt in (np.int64, float, float, float)]
     u = beam_directions(seeds).astype(np.float32)
     nf = local.spectra.shape[1]
     for a in range(0, n, batch):
         ub = u[a : a + batch]
         cos = np.abs(ub @ dirs.T).reshape(len(ub), s, t).max(axis=1)  # (B, T)
-        top = (
-            np.argpartition(-cos, k - 1, axis=1)[:, :k]
-            if k < t
-            else np.tile(np.arange(t), (len(ub), 1))
-        )
-        ef = (
-            fft.rfft(desc[a : a + batch], axis=-1)[:, :, :nf]
-            .transpose(0, 2, 1)
-            .astype(np.complex64)
-        )  # (B, F, R)
-        g = local.spectra[top]  # (B, k, F, R)
-        spec = np.einsum("bfr,bkfr->bkf", ef, g)
-        c = fft.irfft(spec, n=n_theta, axis=-1)  # (B, k, n_theta)
+        if k < t:
+            top = np.argpartition(-cos, k - 1, axis=1)[:, :k]
+        else:
+            top = np.tile(np.arange(t), (len(ub), 1))
+        d_top = np.degrees(np.arccos(np.clip(np.take_along_axis(cos, top, 1), -1, 1)))
+        top = np.concatenate([top, top + t], axis=1)  # each direction's template and its mirror
+        ef = fft.rfft(desc[a : a + batch], axis=-1)[:, :, :nf].transpose(0, 2, 1)
+        g = local.spectra[top]  # (B, 2k, F, R)
+        spec = np.einsum("bfr,bkfr->bkf", ef.astype(np.complex64), g)
+        c = fft.irfft(spec, n=n_theta, axis=-1)  # (B, 2k, n_theta)
         i0 = c.argmax(axis=-1)
         y1 = np.take_along_axis(c, i0[..., None], -1)[..., 0]
         y0 = np.take_along_axis(c, ((i0 - 1) % n_theta)[..., None], -1)[..., 0]
         y2 = np.take_along_axis(c, ((i0 + 1) % n_theta)[..., None], -1)[..., 0]
         den = y0 - 2 * y1 + y2
-        delta = np.clip(
-            np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1), 0.0), -0.5, 0.5
-        )
-        out_t[a : a + batch] = top
-        out_v[a : a + batch] = y1 - 0.25 * (y0 - y2) * delta
-        out_a[a : a + batch] = np.mod((i0 + delta) * (180.0 / n_theta), 180.0)
-        out_d[a : a + batch] = np.degrees(
-            np.arccos(np.clip(np.take_along_axis(cos, top, 1), -1, 1))
-        )
-    return out_t, out_v, out_a, out_d
+        safe = np.where(den < 0, den, -1)
+        delta = np.clip(np.where(den < 0, 0.5 * (y0 - y2) / safe, 0.0), -0.5, 0.5)
+        out[0][a : a + batch] = top
+        out[1][a : a + batch] = y1 - 0.25 * (y0 - y2) * delta
+        out[2][a : a + batch] = np.mod((i0 + delta) * (180.0 / n_theta), 180.0)
+        out[3][a : a + batch] = np.concatenate([d_top, d_top], axis=1)
+    return tuple(out)
 
 
 def hybrid_refine(
@@ -1140,7 +1197,7 @@ def hybrid_refine(
     seeds: np.ndarray,
     local: LocalTemplates,
     library=None,
-    n_candidates: int = 48,
+    n_candidates: int = 32,
     min_correlation: float = 0.0,
     rim_fraction: float = 0.8,
     min_angle: float = 5.0,
@@ -1168,7 +1225,8 @@ def hybrid_refine(
     library
         The :func:`temlib.match.build_library` library for the fallback (None: no fallback).
     n_candidates
-        Templates per pattern (about ``pi r^2 / resolution^2`` for a neighbourhood of radius r).
+        Beam directions per pattern (about ``pi r^2 / resolution^2`` for a neighbourhood of
+        radius r); each brings its template and the template's mirror image.
     min_correlation, rim_fraction
         Fallback rules (``rim_fraction >= 1`` disables the rim rule).
     min_angle
@@ -1192,7 +1250,7 @@ def hybrid_refine(
     order = np.argsort(-val, axis=1)
     top, val, ang, dist = (np.take_along_axis(x, order, 1) for x in (top, val, ang, dist))
     pt = local.templates
-    q = qmul(pt.quaternions[top], rz(-ang))  # (N, k, 4)
+    q = qmul(local.quaternions[top], rz(-ang))  # (N, 2k, 4)
     mis = match.misorientation_deg(q[:, :1], q, pt.symmetry, modulo_flip=True)
     q2 = np.where(mis >= min_angle, val, -np.inf).max(axis=1)
     q2 = np.where(np.isfinite(q2), q2, val[:, -1])
@@ -1515,8 +1573,10 @@ def load_models(
         Folder holding ``regressor_<phase>/`` (and optionally ``classifier/``); default the
         profile's locations (``data/models/regressor_<phase>``, ``data/models/classifier``).
     classifier
-        Path of a classifier folder, None for the default (or ``models/classifier`` when
-        present), False for none (phases must then be given to :func:`index_patterns`).
+        Path of a classifier folder, None for the default (``models/classifier`` when
+        present, else the profile's ``data/models/.../classifier``), ``"auto"`` (the same,
+        or none when absent), False for none. Without a classifier the phase is decided
+        by full template matching (normalised scores), unless given to :func:`index_patterns`.
     kv, resolution
         Beam energy (kV) and template step (deg) of the library.
     hybrid
@@ -1543,17 +1603,28 @@ def load_models(
     if classifier is not False:
         from . import classify
 
-        if classifier is None and models is not None and (Path(models) / "classifier").is_dir():
+        auto = classifier == "auto"
+        if (
+            classifier in (None, "auto")
+            and models is not None
+            and (Path(models) / "classifier").is_dir()
+        ):
             classifier = Path(models) / "classifier"
-        if classifier is None and profile != "default":
+        if classifier in (None, "auto"):
             classifier = classify.default_model_dir(profile)
+        if auto and not (Path(classifier) / classify.MODEL_FILE).is_file():
+            log.warning(
+                "no phase classifier in %s: phases are decided by template matching", classifier
+            )
+            classifier = False
+    if classifier is not False:
         clf = classify.load_classifier(classifier)
         unknown = [p for p in clf.phases if p not in phases]
         if unknown:
             raise ValueError(f"The classifier knows phases {clf.phases}; expected only {phases}")
         phases = list(clf.phases)
     lib = None
-    if any(branches[p] in ("hybrid", "tm") for p in phases):
+    if clf is None or any(branches[p] in ("hybrid", "tm") for p in phases):
         from . import match
 
         lib = match.build_library(phases, resolution=resolution, kv=kv, settings=settings)
@@ -1651,11 +1722,17 @@ def index_patterns(
         centers = fast_direct_beam(p)
     desc, centers = fast_descriptors(p, calibration, centers, models.settings)
     prob = np.full(n, np.nan)
-    if phase_of is None:
-        if models.classifier is None:
+    if phase_of is None and models.classifier is None and len(models.phases) == 1:
+        phase_of = np.zeros(n, np.int64)
+    if phase_of is None and models.classifier is None:
+        if models.library is None:
             raise ValueError(
-                "No phase classifier loaded and no phases given; expected load_models(classifier=...) or phase_of"
+                "No phase classifier or template library loaded and no phases given; "
+                "expected load_models(classifier=...) or phase_of"
             )
+        tm = match.match_descriptors(desc, models.library, n_best=1)
+        phase_of = np.array([models.phases.index(models.library.names[i]) for i in tm.phase_index])
+    if phase_of is None:
         pr = models.classifier.predict_proba(p, calibration, centers=centers)
         phase_of = pr.argmax(axis=1)
         prob = pr[np.arange(n), phase_of]
@@ -1966,3 +2043,464 @@ def live_display(every: int = 1, title: str = "live indexing"):
         plt.close(fig)
 
     return update
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 04 workflow: train, fine-tune and evaluate one phase; compare the methods
+# --------------------------------------------------------------------------------------
+
+
+def parse_phases(phase: str) -> list[str]:
+    """``"all"`` -> the three steel phases; ``"NbC"`` or ``"ferrite,NbC"`` -> those (validated)."""
+    if phase in ("all", "", None):
+        return list(crystal.STEEL_PHASES)
+    names = [p.strip() for p in str(phase).split(",") if p.strip()]
+    bad = [p for p in names if p not in crystal.STEEL_PHASES]
+    if bad:
+        raise ValueError(
+            f"Unknown phase {bad[0]!r}; expected 'all' or one of {crystal.STEEL_PHASES}"
+        )
+    return names
+
+
+@dataclasses.dataclass
+class PhaseRun:
+    """What :func:`train_phase` produced for one phase."""
+
+    phase: str
+    regressor: Regressor
+    fine_tuned: Regressor
+    baseline: Regressor | None
+    errors: dict
+    seconds: dict
+    table: object
+    path: Path | None
+
+
+def train_phase(
+    phase: str,
+    maps: dict,
+    n_train: int = 40000,
+    n_rendered: int = 8000,
+    max_trials: int = 3,
+    epochs: int = 8,
+    finetune_epochs: int = 5,
+    finetune_patterns: int = 4000,
+    test_patterns: int = 2000,
+    baseline: bool = True,
+    settings: descriptors.DescriptorSettings | None = None,
+    save_to: str | Path | None = None,
+    directory: str | Path | None = None,
+    n_candidates: int = 32,
+    seed: int = 0,
+) -> PhaseRun:
+    """Train (architecture search), fine-tune and evaluate the regressor of ``phase``.
+
+    Parameters
+    ----------
+    maps
+        :func:`temlib.synth.steel_maps` (``train1``, ``train2`` for fine-tuning, ``test`` to score).
+    n_train
+        Descriptors drawn from simulated spot lists (:func:`synthetic_set`) for the search.
+    n_rendered
+        Rendered camera-like patterns (:func:`rendered_set`, each also turned once about the
+        beam) added to them.
+    finetune_patterns, test_patterns
+        Real patterns of the phase drawn from the training maps / the test map (interior pixels).
+    baseline
+        Also train the naive Euler-angle baseline.
+    save_to
+        Folder to save the fine-tuned regressor in (None: not saved).
+    directory
+        Where the search trials go (resumable), default ``data/cache/regress``.
+    """
+    from . import match
+
+    settings = descriptors.load_settings() if settings is None else settings
+    rng = np.random.default_rng(seed)
+    secs = {}
+    t = time.perf_counter()
+    x, q = synthetic_set(phase, n_train, settings, rng=rng)
+    if n_rendered > 0:
+        xr, qr = rendered_set(phase, n_rendered, settings, n_shifts=2, rng=rng)
+        x, q = np.concatenate([x, xr]), np.concatenate([q, qr])
+    secs["simulate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    reg = search(
+        x, q, phase, settings, max_trials=max_trials, epochs=epochs, directory=directory, seed=seed
+    )
+    secs["search"] = time.perf_counter() - t
+    base = None
+    if baseline:
+        t = time.perf_counter()
+        base = train_euler_baseline(reg, x, q, epochs=epochs, seed=seed)
+        secs["baseline"] = time.perf_counter() - t
+    xt, qt = real_set([maps["train1"], maps["train2"]], phase, settings, finetune_patterns, rng=rng)
+    xe, qe = real_set([maps["test"]], phase, settings, test_patterns, rng=rng)
+    t = time.perf_counter()
+    ft = (
+        fine_tune(reg, xt, qt, synthetic=(x, q), epochs=finetune_epochs, rng=rng)
+        if len(xt)
+        else reg
+    )
+    secs["fine_tune"] = time.perf_counter() - t
+    lib = match.build_library([phase], settings=settings)
+    local = LocalTemplates.from_library(lib, phase)
+    min_corr = calibrate_fallback(ft, xt, qt, local, n_candidates) if len(xt) else 0.0
+    errors, timing = {}, {}
+    preds = {}
+
+    def timed(name, f):
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = f()
+        timing[name] = (time.process_time() - c0, time.perf_counter() - t0)
+        preds[name] = out
+        return out
+
+    if len(xe):
+        if base is not None:
+            timed("ML naive Euler", lambda: base.predict(xe))
+        timed("ML before fine-tuning", lambda: reg.predict(xe))
+        seeds = timed("ML", lambda: ft.predict(xe))
+        c0, t0 = time.process_time(), time.perf_counter()
+        h = hybrid_refine(
+            xe, seeds, local, lib, n_candidates=n_candidates, min_correlation=min_corr
+        )
+        timing["hybrid"] = (
+            time.process_time() - c0 + timing["ML"][0],
+            time.perf_counter() - t0 + timing["ML"][1],
+        )
+        preds["hybrid"] = h.quaternions
+        timed(
+            "TM",
+            lambda: match.match_descriptors(xe, lib, n_best=1, normalization="none").quaternions[
+                :, 0
+            ],
+        )
+        for name, p in preds.items():
+            errors[name] = {
+                "strict": disorientation_deg(p, qe, phase),
+                "flip": disorientation_deg(p, qe, phase, modulo_flip=True),
+            }
+        errors["hybrid"]["fallback"] = h.fallback
+    rows = []
+    for name, e in errors.items():
+        tab = disorientation_table({"strict": e["strict"], "flip": e["flip"]})
+        row = {"phase": phase, "method": name}
+        for kind in ("strict", "flip"):
+            for col in ("median", "p90", "p95", "<1", "<2", "<5", ">10"):
+                row[f"{kind} {col}"] = float(tab.loc[kind, col])
+        cpu, wall = timing[name]
+        row["n"] = len(xe)
+        row["CPU ms/pattern"] = 1e3 * cpu / max(len(xe), 1)
+        row["wall ms/pattern"] = 1e3 * wall / max(len(xe), 1)
+        if name == "hybrid":
+            row["fallback"] = float(np.mean(e["fallback"]))
+        rows.append(row)
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    meta_eval = {
+        r["method"]: {k: v for k, v in r.items() if k not in ("phase", "method")} for r in rows
+    }
+    ft.metadata["test_evaluation"] = meta_eval
+    ft.metadata["hybrid"] = {"n_candidates": n_candidates, "min_correlation": min_corr}
+    ft.metadata["seconds"] = secs
+    path = save_regressor(ft, save_to) if save_to is not None else None
+    return PhaseRun(phase, reg, ft, base, errors, secs, table, path)
+
+
+def calibrate_fallback(
+    reg: Regressor,
+    desc: np.ndarray,
+    q: np.ndarray,
+    local: LocalTemplates,
+    n_candidates: int = 32,
+    quantile: float = 0.1,
+    tolerance: float = 2.0,
+) -> float:
+    """The hybrid's fallback threshold: a low quantile of the local correlation of good refinements.
+
+    The regressor seeds :func:`hybrid_refine` (no fallback) on labelled real patterns (the
+    fine-tuning set); among the patterns it gets within ``tolerance`` degrees, the
+    ``quantile`` of the best local correlation is returned. Patterns matching worse than
+    that go to the full search.
+    """
+    if len(desc) == 0:
+        return 0.0
+    h = hybrid_refine(desc, reg.predict(desc), local, None, n_candidates=n_candidates)
+    good = disorientation_deg(h.quaternions, q, reg.phase, modulo_flip=True) < tolerance
+    return float(np.quantile(h.correlation[good], quantile)) if good.sum() >= 5 else 0.0
+
+
+def error_histogram_figure(
+    runs: list[PhaseRun],
+    methods=("ML naive Euler", "ML before fine-tuning", "ML", "hybrid", "TM"),
+    kind: str = "flip",
+):
+    """Disorientation distributions (deg, log-spaced bins) per phase and method."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.8 * len(runs), 3.6), squeeze=False)
+    bins = np.logspace(-2, np.log10(180), 40)
+    for ax, run in zip(axes[0], runs, strict=True):
+        for m in methods:
+            if m in run.errors:
+                e = run.errors[m][kind]
+                ax.hist(
+                    e[np.isfinite(e)],
+                    bins=bins,
+                    histtype="step",
+                    lw=1.5,
+                    label=f"{m} (median {np.nanmedian(e):.2f}°)",
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel(f"disorientation ({kind}), deg")
+        ax.set_title(run.phase)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("patterns")
+    fig.tight_layout()
+    return fig
+
+
+def simulate_acquisition(signal, folder: str | Path, chunk: int = 64, interval: float = 0.2):
+    """Write a map's patterns as ``.npy`` chunk files into ``folder`` from a background thread.
+
+    Stands in for a detector during acquisition: each chunk of ``chunk`` patterns (scan
+    order) is written to a temporary name and renamed every ``interval`` seconds.
+
+    Returns
+    -------
+    The started ``threading.Thread``.
+    """
+    import threading
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.npy"):
+        old.unlink()
+    data = signal.data
+    h, w = data.shape[:2]
+    flat = data.reshape(h * w, *data.shape[2:])
+
+    def run():
+        for k, a in enumerate(range(0, h * w, chunk)):
+            block = np.asarray(flat[a : a + chunk])
+            tmp = folder / f".chunk_{k:06d}.npy"
+            np.save(tmp, block)
+            os.replace(tmp, folder / f"chunk_{k:06d}.npy")
+            time.sleep(interval)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
+def compare_methods(
+    test_map,
+    methods=("tm", "ml", "hybrid"),
+    models: str | Path | None = None,
+    profile: str = "default",
+    max_patterns: int = 2000,
+    pyxem_patterns: int = 0,
+    phase_source: str = "auto",
+    min_weight: float = 0.999,
+    rng=0,
+):
+    """Template matching, ML, hybrid (and pyxem) side by side on pixels of a synthetic test map.
+
+    Parameters
+    ----------
+    test_map
+        A :class:`temlib.synth.SynthMap` with ground truth.
+    methods
+        Any of ``"tm"`` (full template matching over every phase, phase by normalised
+        score; :mod:`temlib.match`), ``"ml"``, ``"hybrid"`` (:func:`index_patterns`).
+    models, profile
+        Where the regressors (and classifier) are (:func:`load_models`).
+    max_patterns
+        Pixels drawn at random among single-crystal pixels (``weight >= min_weight``).
+    pyxem_patterns
+        The first this many of them also go through pyxem's ``get_orientation`` (0: skip).
+    phase_source
+        ``"classifier"``, ``"truth"`` (orientation accuracy alone), or ``"auto"`` (the
+        classifier when one is saved, else the truth).
+
+    Returns
+    -------
+    table
+        pandas DataFrame, one row per method and phase (plus ``all``): phase accuracy,
+        disorientation statistics strict and modulo the beam flip, patterns/s (wall) and
+        process CPU ms per pattern, phase source.
+    errors
+        ``{method: {"phase_ok", "strict", "flip", "truth"}}`` per pattern.
+    """
+    import pandas as pd
+
+    from . import classify, io, match
+
+    valid = ("classifier", "truth", "auto")
+    if phase_source not in valid:
+        raise ValueError(f"Unknown phase_source {phase_source!r}; expected one of {valid}")
+    rng = np.random.default_rng(rng)
+    t = test_map.truth_arrays()
+    sig = test_map.load(lazy=True)
+    cal = io.calibration_of(sig)
+    kv = io.beam_energy(sig)
+    cand = np.flatnonzero((t["weight"] >= min_weight).ravel() & (t["phase_id"].ravel() >= 0))
+    idx = np.sort(rng.choice(cand, size=min(max_patterns, len(cand)), replace=False))
+    h, w = t["phase_id"].shape
+    rr, cc = np.unravel_index(idx, (h, w))
+    pats = np.asarray(
+        sig.data.vindex[rr, cc].compute()
+        if hasattr(sig.data, "vindex")
+        else np.asarray(sig.data)[rr, cc]
+    )
+    truth_pid = t["phase_id"].ravel()[idx]
+    truth_q = t["quaternions"].reshape(-1, 4)[idx]
+    names = list(crystal.STEEL_PHASES)
+    if phase_source == "auto":
+        clf_dir = (
+            Path(models) / "classifier"
+            if models is not None
+            else classify.default_model_dir(profile)
+        )
+        phase_source = "classifier" if (clf_dir / classify.MODEL_FILE).is_file() else "truth"
+    preds, timing = {}, {}
+    for m in methods:
+        if m not in METHODS + ("pyxem",):
+            raise ValueError(f"Unknown method {m!r}; expected one of {METHODS}")
+        if m == "tm":
+            lib = match.build_library(names, kv=kv)
+            c0, t0 = time.process_time(), time.perf_counter()
+            r = match.match_patterns(pats, cal, lib, n_best=1)
+            timing[m] = (time.process_time() - c0, time.perf_counter() - t0)
+            pid = np.array([names.index(lib.names[i]) for i in r.phase_index])
+            preds[m] = (pid, r.quaternions[:, 0], "tm scores")
+            continue
+        mod = load_models(
+            m,
+            models,
+            names,
+            classifier=False if phase_source == "truth" else None,
+            kv=kv,
+            profile=profile,
+        )
+        phase_of = truth_pid if phase_source == "truth" else None
+        index_patterns(
+            pats[:8], cal, mod, None if phase_of is None else phase_of[:8]
+        )  # warm-up (graph tracing)
+        c0, t0 = time.process_time(), time.perf_counter()
+        r = index_patterns(pats, cal, mod, phase_of)
+        timing[m] = (time.process_time() - c0, time.perf_counter() - t0)
+        pid = np.array([names.index(mod.phases[i]) for i in r.phase_index])
+        preds[m] = (pid, r.quaternions, phase_source)
+    if pyxem_patterns > 0:
+        k = min(pyxem_patterns, len(pats))
+        lib = match.build_library(names, kv=kv)
+        r, info = match.pyxem_index(pats[:k], cal, lib)
+        pid = np.array([names.index(lib.names[i]) for i in r.phase_index])
+        preds["pyxem"] = (pid, r.quaternions[:, 0], "pyxem scores")
+        timing["pyxem"] = (np.nan, info["seconds"])
+    rows, errors = [], {}
+    for m, (pid, q, src) in preds.items():
+        k = len(pid)
+        ok = pid == truth_pid[:k]
+        strict = np.full(k, np.nan)
+        flip = np.full(k, np.nan)
+        for j, ph in enumerate(names):
+            sel = np.flatnonzero(ok & (truth_pid[:k] == j))
+            if sel.size:
+                strict[sel] = disorientation_deg(q[sel], truth_q[sel], ph)
+                flip[sel] = disorientation_deg(q[sel], truth_q[sel], ph, modulo_flip=True)
+        errors[m] = {"phase_ok": ok, "strict": strict, "flip": flip, "truth": truth_pid[:k]}
+        cpu, wall = timing[m]
+        for j, ph in [*enumerate(names), (-1, "all")]:
+            sel = np.ones(k, bool) if j < 0 else truth_pid[:k] == j
+            if not sel.any():
+                continue
+            st = disorientation_table({"strict": strict[sel], "flip": flip[sel]})
+            row = {
+                "method": m,
+                "phase": ph,
+                "n": int(sel.sum()),
+                "phase_acc": float(ok[sel].mean()),
+                "phase from": src,
+            }
+            for kind in ("strict", "flip"):
+                for col in ("median", "p90", "p95", "<1", "<2", "<5", ">10"):
+                    row[f"{kind} {col}"] = float(st.loc[kind, col]) if kind in st.index else np.nan
+            row["patterns/s"] = k / wall
+            row["CPU ms/pattern"] = 1e3 * cpu / k
+            rows.append(row)
+    return pd.DataFrame(rows), errors
+
+
+def index_file(
+    map_path_or_signal,
+    method: str = "hybrid",
+    out: str | Path | None = None,
+    models: str | Path | None = None,
+    phases=crystal.STEEL_PHASES,
+    resolution: float = 1.0,
+    chunk: int = 32,
+    calibration: float | None = None,
+    kv: float | None = None,
+    show_progressbar: bool = True,
+):
+    """``temlib index MAP --method ml|hybrid``: index a map file with the regressors, write ``out``.
+
+    Parameters
+    ----------
+    map_path_or_signal
+        A map :func:`temlib.io.load_map` reads, or a signal it returned.
+    method
+        ``"ml"`` (classifier phase + regressor orientation) or ``"hybrid"`` (+ local
+        template matching, full search where unreliable).
+    out
+        ``RESULT.h5`` (orix CrystalMap; ``RESULT.ang`` beside it), written atomically; None: not written.
+    models
+        A folder with ``regressor_<phase>/`` (and optionally ``classifier/``); default the
+        models of the default report run (``data/models/regressor_<phase>/``,
+        ``data/models/classifier/``). Without a classifier the phase comes from template matching.
+    calibration, kv
+        Override the map's calibration (1/Å per px) and beam energy (kV).
+
+    Returns
+    -------
+    orix ``CrystalMap`` with ``indexing_info`` (``seconds``, ``cpu_seconds``,
+    ``patterns_per_s``, ``new_patterns``, ``method``).
+    """
+    from . import io, match
+
+    if method not in ("ml", "hybrid"):
+        raise ValueError(f"Unknown method {method!r} for the regressors; expected 'ml' or 'hybrid'")
+    if out is not None:
+        out = Path(out)
+        if out.suffix.lower() != ".h5":
+            raise ValueError(
+                f"Output {out.name} must end in .h5 (an orix CrystalMap; the .ang is written beside it)"
+            )
+        if out.parent and not out.parent.exists():
+            raise FileNotFoundError(f"Output folder {out.parent} does not exist")
+    if isinstance(map_path_or_signal, str | Path):
+        signal = io.load_map(map_path_or_signal, lazy=True, calibration=calibration, kv=kv)
+    else:
+        signal = map_path_or_signal
+    if signal.data.ndim != 4:
+        raise ValueError(
+            f"Map of shape {tuple(signal.data.shape)} is not a 4D scan; expected (rows, cols, ky, kx)"
+        )
+    if isinstance(phases, str):
+        phases = parse_phases(phases) if phases != "all" else list(crystal.STEEL_PHASES)
+    beam_kv = kv or io.beam_energy(signal)
+    mods = load_models(method, models, phases, classifier="auto", kv=beam_kv, resolution=resolution)
+    if calibration is not None:
+        signal.axes_manager.signal_axes[0].scale = calibration
+        signal.axes_manager.signal_axes[1].scale = calibration
+    xmap, info = index_map(signal, mods, chunk=chunk, show_progressbar=show_progressbar)
+    if out is not None:
+        match.save_crystal_map(xmap, out)
+    h, w = signal.data.shape[:2]
+    xmap.indexing_info = dict(info, new_patterns=h * w, method=method)
+    return xmap
