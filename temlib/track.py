@@ -811,7 +811,7 @@ def evaluate_detection(
     boxes: list[np.ndarray],
     iou_thresholds=(0.5, 0.3, 0.1),
     conf: float = 0.25,
-    tile: int | None = None,
+    tile: int | str | None = "auto",
     names: list[str] | None = None,
     classes: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -826,7 +826,8 @@ def evaluate_detection(
     iou_thresholds
         IoU thresholds to score at.
     conf, tile
-        Detection options.
+        Detection options (``tile="auto"``: frames larger than the model's input are tiled,
+        see :meth:`temlib.detect.Detector.predict`).
     names
         Image names for the per-image table.
     classes
