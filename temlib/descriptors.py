@@ -50,21 +50,24 @@ BACKGROUNDS = ("none", "median", "opening")
 class DescriptorSettings:
     """Everything that defines a descriptor (both sides). Units in the comments."""
 
-    r_min: float = 0.15  # 1/Å, inner edge (excludes the direct beam)
+    r_min: float = 0.3  # 1/Å, inner edge (excludes the direct beam and its tails)
     r_max: float = 1.3  # 1/Å, outer edge
     n_r: int = 40  # radial bins
     n_theta: int = 90  # azimuth bins over [0, 180) deg (2 deg each)
     oversample: int = 2  # radial samples averaged per bin
-    smooth: float = 0.015  # 1/Å, Gaussian prefilter of the pattern (0: none)
+    smooth: float = 0.03  # 1/Å, Gaussian prefilter of the pattern (0: none)
     background: str = "median"  # none | median | opening (per radius, along azimuth)
     noise_k: float = 1.0  # subtract noise_k x robust noise (per radius) before clipping
     opening_deg: float = 12.0  # deg, width of the grey opening (background="opening")
     gamma: float = 0.5  # pattern intensity transform I ** gamma
     zero_mean: bool = False  # subtract the descriptor's mean before normalising
-    sigma: float = 0.02  # 1/Å, template spot width
-    template_gamma: float = 0.5  # template spot weight (I / I_max) ** template_gamma
-    n_spots: int = 30  # strongest template spots kept (0: all)
-    excitation_error: float = 0.05  # 1/Å, relrod half-width of the simulated templates
+    sigma: float = 0.03  # 1/Å, template spot width
+    template_gamma: float = 0.25  # template spot weight (I / I_max) ** template_gamma
+    n_spots: int = 20  # strongest template spots kept (0: all)
+    excitation_error: float = 0.03  # 1/Å, relrod half-width of the simulated templates
+    radial_weight: float = (
+        0.0  # both sides x (r / r_max) ** radial_weight (outer spots span fewer bins)
+    )
 
     def __post_init__(self):
         if not 0 <= self.r_min < self.r_max:
@@ -237,8 +240,13 @@ def _remove_background(polar: np.ndarray, settings: DescriptorSettings) -> np.nd
     return np.clip(polar, 0, None)
 
 
-def _finish(desc: np.ndarray, zero_mean: bool) -> np.ndarray:
+def _finish(
+    desc: np.ndarray, zero_mean: bool, settings: DescriptorSettings | None = None
+) -> np.ndarray:
     desc = desc.astype(np.float32, copy=False)
+    if settings is not None and settings.radial_weight:
+        w = (radii(settings) / settings.r_max) ** settings.radial_weight
+        desc = desc * w.astype(np.float32)[:, None]
     if zero_mean:
         desc = desc - desc.mean(axis=(-2, -1), keepdims=True)
     norm = np.sqrt((desc.astype(np.float64) ** 2).sum(axis=(-2, -1), keepdims=True))
@@ -250,7 +258,7 @@ def descriptors_from_polar(polar: np.ndarray, settings: DescriptorSettings) -> n
     x = _remove_background(np.asarray(polar, np.float32), settings)
     x = x**settings.gamma
     x = x[..., : settings.n_theta] + x[..., settings.n_theta :]
-    return _finish(x, settings.zero_mean)
+    return _finish(x, settings.zero_mean, settings)
 
 
 def pattern_descriptors(
@@ -402,7 +410,7 @@ def template_descriptors(
         d = np.mod(th[None, None, :] - t[..., None] + np.pi / 2, np.pi) - np.pi / 2
         arc = np.exp(-((r[..., None] * d) ** 2) / s2)  # (B, S, n_theta)
         out[a : a + batch] = np.matmul((radial * w[..., None]).transpose(0, 2, 1), arc)
-    return _finish(out, settings.zero_mean)
+    return _finish(out, settings.zero_mean, settings)
 
 
 def library_descriptors(lib, settings: DescriptorSettings | None = None) -> np.ndarray:
@@ -508,23 +516,33 @@ class TuningSample:
         self, g_max: float = 1.5, max_excitation_error: float = 0.05
     ) -> tuple[np.ndarray, np.ndarray]:
         """(M, S, 2) and (M, S) kinematic spots at the true orientations (as the template libraries)."""
-        key = (g_max, max_excitation_error)
+        return self._spots("truth", self.quaternions, self.phase_id, g_max, max_excitation_error)
+
+    def competitor_spots(self, g_max: float = 1.5, max_excitation_error: float = 0.05):
+        """Spots of the library competitors (:func:`add_library_competitors`)."""
+        c = self.competitors
+        return self._spots(
+            "competitors", c["quaternions"], c["phase_id"], g_max, max_excitation_error
+        )
+
+    def _spots(self, what, quaternions, phase_id, g_max, max_excitation_error):
+        key = (what, g_max, max_excitation_error)
         if key not in self.spot_cache:
+            from orix.quaternion import Rotation
+
             from . import simulate
 
             n_s = 200
-            xy = np.zeros((len(self), n_s, 2), np.float32)
-            inten = np.zeros((len(self), n_s), np.float32)
+            xy = np.zeros((len(quaternions), n_s, 2), np.float32)
+            inten = np.zeros((len(quaternions), n_s), np.float32)
             for pid, name in enumerate(self.phases):
-                sel = np.flatnonzero(self.phase_id == pid)
+                sel = np.flatnonzero(phase_id == pid)
                 if sel.size == 0:
                     continue
-                from orix.quaternion import Rotation
-
                 refl = simulate.reflections(name, g_max=g_max)
                 sxy, si, _ = simulate.kinematic_spots(
                     refl,
-                    Rotation(self.quaternions[sel]),
+                    Rotation(quaternions[sel]),
                     kv=self.kv,
                     max_excitation_error=max_excitation_error,
                     max_spots=n_s,
@@ -603,38 +621,26 @@ def _beam_dirs(q: np.ndarray) -> np.ndarray:
 
 
 def add_library_competitors(
-    sample: TuningSample,
-    n_per_phase: int = 400,
-    resolution: float = 2.0,
-    excitation_error: float = 0.05,
-    rng=None,
+    sample: TuningSample, n_per_phase: int = 400, resolution: float = 2.0, rng=None
 ) -> None:
-    """Add random templates of each phase's library as competitors of :func:`ranking_score`.
+    """Add random orientations of each phase's template library as competitors of :func:`ranking_score`.
 
-    Library templates whose beam direction lies within 5 deg (crystal symmetry, either
-    sign) of a pattern's true beam direction are not counted as its competitors.
+    Their spots are simulated with the same excitation error as the ground-truth
+    templates of the setting being scored. Library orientations whose beam direction
+    lies within 5 deg (crystal symmetry, either sign) of a pattern's true beam direction
+    are not counted as its competitors.
     """
     from . import crystal, simulate
 
     rng = np.random.default_rng(rng)
-    xs, its, ph, dirs = [], [], [], []
+    qs, ph = [], []
     for pid, name in enumerate(sample.phases):
-        lib = simulate.template_library(
-            name, resolution=resolution, max_excitation_error=excitation_error
-        )
+        lib = simulate.template_library(name, resolution=resolution)
         pick = rng.choice(lib.size, size=min(n_per_phase, lib.size), replace=False)
-        xs.append(lib.xy[pick])
-        its.append(lib.intensity[pick])
+        qs.append(np.asarray(lib.rotations.data)[pick])
         ph.append(np.full(len(pick), pid))
-        dirs.append(_beam_dirs(lib.rotations.data[pick]))
-    s_max = max(x.shape[1] for x in xs)
-    pad = lambda a, n: np.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
-    sample.competitors = {
-        "xy": np.concatenate([pad(x, s_max) for x in xs]),
-        "intensity": np.concatenate([pad(x, s_max) for x in its]),
-        "phase_id": np.concatenate(ph),
-        "beam": np.concatenate(dirs),
-    }
+    sample.competitors = {"quaternions": np.concatenate(qs), "phase_id": np.concatenate(ph)}
+    sample.competitors["beam"] = _beam_dirs(sample.competitors["quaternions"])
     # exclusion mask: competitor of the same phase with a beam direction near the truth
     own = _beam_dirs(sample.quaternions)
     near = np.zeros((len(sample), len(sample.competitors["phase_id"])), bool)
@@ -661,7 +667,7 @@ def ranking_score(sample: TuningSample, settings: DescriptorSettings) -> dict:
     Returns
     -------
     dict with ``top1`` (fraction whose own template scores highest), ``margin`` (mean of
-    ``(own - best other) / own``), ``median_rank``, ``top1_<phase>`` per phase and
+    ``(own - best other) / max(|own|, |best other|)``, in [-1, 1]), ``median_rank``, ``top1_<phase>`` per phase and
     ``phase_top1`` (fraction whose best competitor of another phase scores below the own template).
     """
     desc = descriptors_from_polar(sample.polar(settings), settings)
@@ -676,7 +682,11 @@ def ranking_score(sample: TuningSample, settings: DescriptorSettings) -> dict:
     other_phase = sample.phase_id[:, None] != sample.phase_id[None, :]
     comp = getattr(sample, "competitors", None)
     if comp is not None:
-        cd = template_descriptors(comp["xy"], comp["intensity"], settings)
+        cxy, cint = sample.competitor_spots(
+            g_max=max(1.5, settings.r_max + 3 * settings.sigma),
+            max_excitation_error=settings.excitation_error,
+        )
+        cd = template_descriptors(cxy, cint, settings)
         cb, _ = inplane_correlation(desc, cd)
         best = np.concatenate([best, cb], axis=1)
         excluded = np.concatenate([excluded, sample.competitor_near], axis=1)
@@ -689,7 +699,9 @@ def ranking_score(sample: TuningSample, settings: DescriptorSettings) -> dict:
     ok = own > other
     out = {
         "top1": float(ok.mean()),
-        "margin": float(np.mean((own - other) / np.maximum(own, 1e-6))),
+        "margin": float(
+            np.mean((own - other) / np.maximum(np.maximum(np.abs(own), np.abs(other)), 1e-3))
+        ),
         "median_rank": float(np.median(rank)),
         "phase_top1": float(
             (own > np.where(other_phase & ~excluded, best, -np.inf).max(axis=1)).mean()
@@ -707,12 +719,13 @@ SEARCH_SPACE: dict[str, tuple] = {
     "noise_k": (0.0, 1.0, 2.0, 3.0),
     "gamma": (0.3, 0.5, 0.7, 1.0),
     "template_gamma": (0.25, 0.5, 0.75, 1.0),
-    "sigma": (0.01, 0.015, 0.02, 0.03),
+    "sigma": (0.015, 0.02, 0.03, 0.04),
     "n_spots": (10, 20, 30, 50, 0),
     "zero_mean": (False, True),
+    "radial_weight": (0.0, 0.5, 1.0, 1.5),
     "r_min": (0.1, 0.2, 0.3),
     "r_max": (1.0, 1.15, 1.3),
-    "excitation_error": (0.03, 0.05, 0.08),
+    "excitation_error": (0.015, 0.02, 0.03, 0.05),
 }
 
 

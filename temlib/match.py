@@ -19,10 +19,20 @@ Scores and decisions
     (``normalization="zscore"``: the best correlation of a phase minus the mean over that
     phase's templates, divided by their standard deviation, per pattern).
 Reliability (ASTAR-style)
-    ``reliability = 100 (1 - Q2 / Q1)``: Q1 the best correlation, Q2 the best one of the
+    ``reliability = 100 (1 - Q2 / Q1)``: Q1 the best score, Q2 the best one of the
     same phase whose orientation is at least ``min_angle`` degrees (disorientation,
-    modulo the beam flip below) away. ``phase_reliability`` uses the normalised scores,
+    modulo the beam flip below) away. Scores are correlations above the pattern's
+    baseline ``B`` (its in-plane-averaged correlation, averaged over the phase's
+    templates): descriptors are non-negative, so every template correlates a little with
+    every pattern, and without the baseline Q2 / Q1 stays near 1. ``phase_reliability`` uses the normalised scores,
     Q2 from the best other phase.
+Mirrored templates
+    The template libraries sample beam directions in the fundamental sector of the Laue
+    group; proper rotations reach only half of what that sector's mirror images need. The
+    mirror image (y -> -y) of template ``R_t``'s pattern is exactly the pattern of
+    ``R_t * C2y`` (inversion is in every Laue group), and mirroring a descriptor conjugates
+    its azimuthal spectrum, so every pattern is also matched mirrored, at no memory cost;
+    template indices ``>= T`` in the results are those mirrored templates.
 The 180-degree ambiguity
     Kinematic patterns are centrosymmetric: orientation ``R`` and ``R * Rz(180)`` (turned
     half a turn about the beam) give the same pattern. The descriptors are folded, so
@@ -50,7 +60,7 @@ from . import crystal, descriptors
 
 log = logging.getLogger(__name__)
 
-NORMALIZATIONS = ("auto", "calibrated", "zscore", "none")
+NORMALIZATIONS = ("auto", "calibrated", "ratio", "zscore", "none")
 CALIBRATION_FILE = "template_matching.json"
 
 
@@ -82,6 +92,7 @@ def _rz(angle_rad: np.ndarray) -> np.ndarray:
 
 
 RZ180 = np.array([0.0, 0.0, 0.0, 1.0])
+C2Y = np.array([0.0, 0.0, 1.0, 0.0])  # 180 deg about the sample y axis
 
 
 def proper_symmetry(phase: Phase) -> np.ndarray:
@@ -168,6 +179,11 @@ class PhaseTemplates:
     def size(self) -> int:
         return len(self.quaternions)
 
+    @property
+    def quaternions_ext(self) -> np.ndarray:
+        """(2T, 4): the templates, then their mirror images ``R_t * C2y`` (pattern mirrored y -> -y)."""
+        return np.concatenate([self.quaternions, _qmul(self.quaternions, C2Y)])
+
     def spectra_krt(self) -> np.ndarray:
         """(K, R, T) layout of :attr:`spectra` (for the exhaustive search)."""
         return np.ascontiguousarray(self.spectra.transpose(1, 2, 0))
@@ -213,7 +229,7 @@ def build_library(
     settings: descriptors.DescriptorSettings | None = None,
     max_excitation_error: float | None = None,
     n_freq: int | None = None,
-    coarse_freq: int = 12,
+    coarse_freq: int = 8,
     show_progressbar: bool = False,
 ) -> Library:
     """Simulate (or read cached) template libraries and turn them into matching spectra.
@@ -289,8 +305,8 @@ def calibration_path():
     return paths.data_dir("models") / CALIBRATION_FILE
 
 
-def _features(phase_corr: np.ndarray, phase_z: np.ndarray) -> np.ndarray:
-    return np.concatenate([phase_corr, phase_z], axis=1)
+def _features(phase_corr: np.ndarray, phase_z: np.ndarray, phase_mean: np.ndarray) -> np.ndarray:
+    return np.concatenate([phase_corr, phase_z, phase_corr / np.maximum(phase_mean, 1e-3)], axis=1)
 
 
 def fit_phase_calibration(result: MatchResult, truth_phase: np.ndarray, library: Library) -> dict:
@@ -318,7 +334,7 @@ def fit_phase_calibration(result: MatchResult, truth_phase: np.ndarray, library:
         raise ValueError(
             f"Training patterns hold only phase(s) {present.tolist()}; expected at least two phases"
         )
-    x = _features(result.phase_corr, result.phase_z)
+    x = _features(result.phase_corr, result.phase_z, result.phase_mean)
     clf = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(x, y)
     coef = np.zeros((len(library.phases), x.shape[1]))
     icpt = np.full(len(library.phases), -1e3)  # phases absent from training are never chosen
@@ -336,6 +352,25 @@ def fit_phase_calibration(result: MatchResult, truth_phase: np.ndarray, library:
         "train_accuracy": float(clf.score(x, y)),
         "n_train": int(len(y)),
     }
+
+
+def calibrate_on_sample(sample, library: Library, show_progressbar: bool = False) -> dict:
+    """Index the training patterns of a :class:`temlib.descriptors.TuningSample` and fit the phase calibration.
+
+    The sample's phases must be the library's (by name).
+    """
+    names = list(sample.phases)
+    if any(n not in library.names for n in names):
+        raise ValueError(f"Sample phases {names} are not all in the library {library.names}")
+    desc = np.zeros((len(sample), *library.settings.shape), np.float32)
+    for cal in np.unique(sample.calibration):  # one camera per map
+        sel = np.flatnonzero(sample.calibration == cal)
+        desc[sel] = descriptors.pattern_descriptors(
+            sample.patterns[sel], float(cal), sample.centers[sel], library.settings
+        )
+    res = match_descriptors(desc, library, normalization="none", show_progressbar=show_progressbar)
+    truth = np.array([library.names.index(names[i]) for i in sample.phase_id])
+    return fit_phase_calibration(res, truth, library)
 
 
 def save_phase_calibration(calibration: dict, path=None):
@@ -391,7 +426,7 @@ class MatchResult:
     inplane
         (N, n_best) in-plane angle (deg), sub-step refined.
     template
-        (N, n_best) template index within the phase.
+        (N, n_best) template index within the phase (``T + t``: template ``t`` mirrored).
     reliability
         (N,) ASTAR-style orientation reliability (0-100).
     phase_reliability
@@ -402,6 +437,8 @@ class MatchResult:
         (N, P) best correlation of every phase.
     phase_z
         (N, P) that correlation as a z-score over the phase's templates (coarse screen).
+    phase_mean
+        (N, P) mean correlation over the phase's templates (coarse screen).
     """
 
     phase_index: np.ndarray
@@ -414,6 +451,7 @@ class MatchResult:
     phase_scores: np.ndarray
     phase_corr: np.ndarray
     phase_z: np.ndarray
+    phase_mean: np.ndarray
 
     def __len__(self) -> int:
         return len(self.phase_index)
@@ -428,15 +466,25 @@ class MatchResult:
 
 
 def _refine(c: np.ndarray, n_theta: int):
-    """Best in-plane angle of (..., n_theta) correlations, refined by a parabola; (value, angle deg)."""
+    """Best in-plane angle of (..., n_theta) correlations, refined below the step; (value, angle deg).
+
+    A Gaussian (a parabola through the logarithms) through the maximum and its two
+    neighbours where all three are positive (correlation peaks of Gaussian spots are
+    Gaussian), else a parabola.
+    """
     i0 = c.argmax(axis=-1)
     y1 = np.take_along_axis(c, i0[..., None], axis=-1)[..., 0]
     y0 = np.take_along_axis(c, ((i0 - 1) % n_theta)[..., None], axis=-1)[..., 0]
     y2 = np.take_along_axis(c, ((i0 + 1) % n_theta)[..., None], axis=-1)[..., 0]
-    den = y0 - 2 * y1 + y2
-    delta = np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1), 0.0)
+    pos = (y0 > 0) & (y1 > 0) & (y2 > 0)
+    l0, l1, l2 = (np.log(np.where(pos, v, 1.0)) for v in (y0, y1, y2))
+    a0, a1, a2 = np.where(pos, l0, y0), np.where(pos, l1, y1), np.where(pos, l2, y2)
+    den = a0 - 2 * a1 + a2
+    delta = np.where(den < 0, 0.5 * (a0 - a2) / np.where(den < 0, den, -1), 0.0)
     delta = np.clip(delta, -0.5, 0.5)
-    return y1 - 0.25 * (y0 - y2) * delta, np.mod((i0 + delta) * (180.0 / n_theta), 180.0)
+    peak = a1 - 0.25 * (a0 - a2) * delta
+    value = np.where(pos, np.exp(peak), peak)
+    return np.minimum(value, 1.0), np.mod((i0 + delta) * (180.0 / n_theta), 180.0)
 
 
 def _phase_candidates(ef: np.ndarray, pt: PhaseTemplates, n_theta: int, k: int, n_keep: int | None):
@@ -452,17 +500,25 @@ def _phase_candidates(ef: np.ndarray, pt: PhaseTemplates, n_theta: int, k: int, 
     n = ef.shape[1]
     n_t = pt.size
     if n_keep is None or n_keep >= n_t:  # exhaustive
-        c = fft.irfft(np.matmul(ef[: pt.spectra.shape[1]], pt.spectra_krt()), n=n_theta, axis=0)
+        g = np.matmul(ef[: pt.spectra.shape[1]], pt.spectra_krt())
+        base = g[0].real.mean(axis=1) / n_theta
+        c = fft.irfft(g, n=n_theta, axis=0)
         best = c.max(axis=0)
         keep = np.tile(np.arange(n_t), (n, 1))
         coarse = best
     else:
         k1 = pt.coarse.shape[0]
-        c1 = fft.irfft(np.matmul(ef[:k1], pt.coarse), n=2 * k1, axis=0)  # (2 k1, n, T)
+        g = np.matmul(ef[:k1], pt.coarse)  # (k1, n, T)
+        base = (
+            g[0].real.mean(axis=1) / n_theta
+        )  # in-plane-averaged correlation, mean over templates
+        c1 = fft.irfft(g, n=2 * k1, axis=0)  # (2 k1, n, T)
         coarse = c1.max(axis=0)
         keep = np.argpartition(-coarse, n_keep - 1, axis=1)[:, :n_keep]
     mean = coarse.mean(axis=1)
     std = coarse.std(axis=1)
+    z = (coarse.max(axis=1) - mean) / np.where(std > 0, std, 1)
+    z = np.stack([z, mean, base], axis=1)
     # exact correlation of the kept templates
     e = ef.transpose(1, 0, 2)  # (n, K, R)
     kk = pt.spectra.shape[1]
@@ -480,19 +536,24 @@ def _phase_candidates(ef: np.ndarray, pt: PhaseTemplates, n_theta: int, k: int, 
         np.take_along_axis(keep, order, axis=1),
         np.take_along_axis(out_v, order, axis=1),
         np.take_along_axis(out_a, order, axis=1),
-        mean,
-        std,
+        z,
     )
 
 
 def _phase_scores(
-    p_corr: np.ndarray, p_z: np.ndarray, mode: str, calibration: dict | None
+    p_corr: np.ndarray, p_z: np.ndarray, p_mean: np.ndarray, mode: str, calibration: dict | None
 ) -> np.ndarray:
     if mode == "none":
         return p_corr
     if mode == "zscore":
         return p_z
-    x = _features(np.nan_to_num(p_corr, nan=0.0), np.nan_to_num(p_z, nan=-10.0))
+    if mode == "ratio":
+        return p_corr / np.where(p_mean > 0, p_mean, np.nan)
+    x = _features(
+        np.nan_to_num(p_corr, nan=0.0),
+        np.nan_to_num(p_z, nan=-10.0),
+        np.nan_to_num(p_mean, nan=1.0),
+    )
     logits = x @ np.asarray(calibration["coef"]).T + np.asarray(calibration["intercept"])
     logits = np.where(np.isnan(p_corr), -np.inf, logits)
     logits -= logits.max(axis=1, keepdims=True)
@@ -507,7 +568,7 @@ def match_descriptors(
     normalization: str = "auto",
     min_angle: float = 5.0,
     n_candidates: int = 25,
-    n_keep: int | None = 100,
+    n_keep: int | None = 40,
     batch: int = 64,
     phase_of=None,
     show_progressbar: bool = False,
@@ -525,9 +586,10 @@ def match_descriptors(
     normalization
         Per-phase score normalisation for the phase decision: ``"calibrated"`` (phase
         probabilities from a logistic regression on every phase's correlation and z-score,
-        fitted on the training maps: :func:`fit_phase_calibration`), ``"zscore"``,
-        ``"none"`` (plain correlation), or ``"auto"`` (calibrated when the library has a
-        calibration for its phases and settings, else zscore).
+        fitted on the training maps: :func:`fit_phase_calibration`), ``"ratio"`` (best
+        correlation of a phase over its mean correlation across that phase's templates),
+        ``"zscore"``, ``"none"`` (plain correlation), or ``"auto"`` (calibrated when the
+        library has a calibration for its phases and settings, else none).
     min_angle
         Q2 of the reliability is the best solution at least this far (deg) from the best.
     n_candidates
@@ -562,7 +624,7 @@ def match_descriptors(
     n_ph = len(library.phases)
     mode = normalization
     if mode == "auto":
-        mode = "calibrated" if library.phase_calibration is not None else "zscore"
+        mode = "calibrated" if library.phase_calibration is not None else "none"
     if mode == "calibrated" and library.phase_calibration is None:
         raise ValueError(
             "normalization='calibrated' needs a phase calibration; fit one with fit_phase_calibration or use 'zscore'"
@@ -576,9 +638,12 @@ def match_descriptors(
         ef = np.ascontiguousarray(fft.rfft(d, axis=-1).transpose(2, 0, 1)).astype(
             np.complex64
         )  # (K, n, R)
+        efm = np.conj(ef)  # spectra of the mirrored descriptors E(r, -theta)
         cands = []
         p_corr = np.full((n, n_ph), np.nan)
         p_z = np.full((n, n_ph), np.nan)
+        p_mean = np.full((n, n_ph), np.nan)
+        p_base = np.full((n, n_ph), np.nan)
         for p, pt in enumerate(library.phases):
             rows = (
                 np.arange(n)
@@ -588,16 +653,28 @@ def match_descriptors(
             if rows.size == 0:
                 cands.append(None)
                 continue
-            top, val, ang, mean, std = _phase_candidates(
-                ef[:, rows], pt, st.n_theta, n_cand, n_keep
+            m = rows.size
+            both = np.concatenate([ef[:, rows], efm[:, rows]], axis=1)
+            top, val, ang, z = _phase_candidates(both, pt, st.n_theta, n_cand, n_keep)
+            # mirrored descriptor matched template t at angle a <=> mirrored template t (index
+            # t + T, orientation R_t * C2y) at angle -a matches the pattern itself
+            top = np.concatenate([top[:m], top[m:] + pt.size], axis=1)
+            ang = np.concatenate([ang[:m], np.mod(-ang[m:], 180.0)], axis=1)
+            val = np.concatenate([val[:m], val[m:]], axis=1)
+            z = np.stack(
+                [np.maximum(z[:m, 0], z[m:, 0]), 0.5 * (z[:m, 1] + z[m:, 1]), z[:m, 2]], axis=1
             )
+            order = np.argsort(-val, axis=1)[:, :n_cand]
+            top, val, ang = (np.take_along_axis(x, order, axis=1) for x in (top, val, ang))
             full = [np.zeros((n, top.shape[1]), t) for t in (np.int64, np.float64, np.float64)]
             for f_, v_ in zip(full, (top, val, ang), strict=True):
                 f_[rows] = v_
             cands.append(full)
             p_corr[rows, p] = val[:, 0]
-            p_z[rows, p] = (val[:, 0] - mean) / np.where(std > 0, std, 1)
-        scores = _phase_scores(p_corr, p_z, mode, library.phase_calibration)
+            p_z[rows, p] = z[:, 0]
+            p_mean[rows, p] = z[:, 1]
+            p_base[rows, p] = z[:, 2]
+        scores = _phase_scores(p_corr, p_z, p_mean, mode, library.phase_calibration)
         choice = (
             np.nan_to_num(scores, nan=-np.inf).argmax(axis=1)
             if phase_of is None
@@ -622,7 +699,7 @@ def match_descriptors(
                 continue
             t_, v_, a_ = (x[rows][:, :k] for x in cands[p])
             tmpl[rows], val[rows], ang[rows] = t_, v_, a_
-            q = _qmul(pt.quaternions[t_], _rz(-np.radians(a_)))
+            q = _qmul(pt.quaternions_ext[t_], _rz(-np.radians(a_)))
             quat[rows] = q
             mis = misorientation_deg(q[:, :1], q, pt.symmetry, modulo_flip=True)  # (rows, k)
             far = mis >= min_angle
@@ -630,7 +707,9 @@ def match_descriptors(
             q2 = np.where(
                 np.isfinite(q2), q2, v_[:, -1]
             )  # none that far: the k-th is an upper bound
-            rel[rows] = 100 * (1 - np.clip(q2, 0, None) / np.where(v_[:, 0] > 0, v_[:, 0], np.inf))
+            b = p_base[rows, p]
+            q1b = v_[:, 0] - b
+            rel[rows] = 100 * np.clip(1 - (q2 - b) / np.where(q1b > 0, q1b, np.inf), 0, 1)
         parts.append(
             MatchResult(
                 phase_index=choice.astype(np.int64),
@@ -643,11 +722,28 @@ def match_descriptors(
                 phase_scores=scores,
                 phase_corr=p_corr,
                 phase_z=p_z,
+                phase_mean=p_mean,
             )
         )
     if not parts:
         raise ValueError("No descriptors to match; expected at least one pattern")
     return MatchResult.concatenate(parts)
+
+
+def solution_descriptor(library: Library, result: MatchResult, i: int, rank: int = 0) -> np.ndarray:
+    """(n_r, n_theta) descriptor of pattern ``i``'s solution ``rank``, turned by its in-plane angle (for display)."""
+    from scipy import fft
+
+    pt = library.phases[int(result.phase_index[i])]
+    t = int(result.template[i, rank])
+    spec = np.conj(pt.spectra[t % pt.size]).T  # (R, K)
+    if t >= pt.size:  # mirrored template: E(r, -theta) has the conjugate spectrum
+        spec = np.conj(spec)
+    desc = fft.irfft(spec, n=library.settings.n_theta, axis=-1)
+    shift = (
+        int(round(result.inplane[i, rank] / library.settings.step_deg)) % library.settings.n_theta
+    )
+    return np.roll(desc, shift, axis=1)
 
 
 def match_patterns(
@@ -726,6 +822,26 @@ def to_crystal_map(
             "inplane_nbest": result.inplane.astype(float),
         },
         scan_unit=scan_unit,
+    )
+
+
+def subset(xmap, index: np.ndarray):
+    """A (1, n) ``CrystalMap`` of the points ``index`` (flat scan indices) of ``xmap``, props included.
+
+    For scoring a random subset of a map (e.g. the patterns pyxem indexed) against the truth.
+    """
+    from orix.crystal_map import CrystalMap
+
+    index = np.asarray(index).ravel()
+    n = len(index)
+    rot = xmap.rotations.data.reshape(xmap.size, -1, 4)[index]
+    return CrystalMap(
+        rotations=Rotation(rot if rot.shape[1] > 1 else rot[:, 0]),
+        phase_id=np.asarray(xmap.phase_id)[index],
+        x=np.arange(n, dtype=float),
+        y=np.zeros(n),
+        phase_list=xmap.phases,
+        prop={k: np.asarray(v)[index] for k, v in xmap.prop.items()},
     )
 
 
@@ -899,6 +1015,98 @@ def confusion_matrix(errors: dict, phases=None, normalize: bool = False):
     return m
 
 
+def grains(
+    xmap, max_angle: float = 5.0, min_size: int = 5, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Label grains: 4-connected pixels of one phase whose neighbours differ by < ``max_angle`` deg.
+
+    Misorientations are taken modulo the 180 deg beam flip. Returns (rows, cols) int labels,
+    -1 for pixels outside ``mask`` or in grains smaller than ``min_size``.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    h, w = xmap.shape
+    q = xmap.rotations.data.reshape(xmap.size, -1, 4)[:, 0].reshape(h, w, 4)
+    pid = np.asarray(xmap.phase_id).reshape(h, w)
+    ok = np.ones((h, w), bool) if mask is None else np.asarray(mask, bool).reshape(h, w)
+    sym = {i: proper_symmetry(ph) for i, ph in xmap.phases if i >= 0}
+    src, dst = [], []
+    flat = np.arange(h * w).reshape(h, w)
+    for a, b in (
+        ((slice(None), slice(0, -1)), (slice(None), slice(1, None))),
+        ((slice(0, -1), slice(None)), (slice(1, None), slice(None))),
+    ):
+        same = (pid[a] == pid[b]) & ok[a] & ok[b]
+        for i, s_ in sym.items():
+            m = same & (pid[a] == i)
+            if m.any():
+                d = misorientation_deg(q[a][m], q[b][m], s_, modulo_flip=True)
+                src.append(flat[a][m][d < max_angle])
+                dst.append(flat[b][m][d < max_angle])
+    src = np.concatenate(src) if src else np.zeros(0, int)
+    dst = np.concatenate(dst) if dst else np.zeros(0, int)
+    graph = coo_matrix((np.ones(len(src)), (src, dst)), shape=(h * w, h * w))
+    _, lab = connected_components(graph, directed=False)
+    lab = np.where(ok.ravel(), lab, -1)
+    ids, counts = np.unique(lab[lab >= 0], return_counts=True)
+    small = np.isin(lab, ids[counts < min_size])
+    lab = np.where(small, -1, lab)
+    _, inv = np.unique(lab, return_inverse=True)
+    out = inv - (1 if (lab < 0).any() else 0)
+    return out.reshape(h, w)
+
+
+def grain_spread(xmap, labels: np.ndarray, other=None):
+    """Per-grain orientation spread (and agreement with another indexing of the same map).
+
+    Parameters
+    ----------
+    xmap
+        An indexing (orix ``CrystalMap``).
+    labels
+        (rows, cols) grain labels (:func:`grains`), -1 ignored.
+    other
+        Optional second indexing of the same scan (e.g. pyxem's) to compare with.
+
+    Returns
+    -------
+    pandas DataFrame per grain: ``phase``, ``n``, ``spread_median`` / ``spread_p90`` (deg,
+    disorientation of each pixel to the grain's most reliable pixel, modulo the flip) and,
+    with ``other``, ``agree_median`` (deg) and ``agree_<5`` (fraction within 5 deg).
+    """
+    import pandas as pd
+
+    q = xmap.rotations.data.reshape(xmap.size, -1, 4)[:, 0]
+    pid = np.asarray(xmap.phase_id)
+    rel = np.asarray(xmap.prop.get("reliability", np.ones(xmap.size)))
+    lab = np.asarray(labels).ravel()
+    names = _names(xmap)
+    if other is not None:
+        q2 = other.rotations.data.reshape(other.size, -1, 4)[:, 0]
+    rows = []
+    for g in np.unique(lab[lab >= 0]):
+        sel = np.flatnonzero(lab == g)
+        p = int(pid[sel[0]])
+        ph = xmap.phases[p]
+        sym = proper_symmetry(ph)
+        ref = q[sel[np.argmax(rel[sel])]]
+        d = misorientation_deg(ref[None], q[sel], sym, modulo_flip=True)
+        row = {
+            "grain": int(g),
+            "phase": names[p],
+            "n": int(len(sel)),
+            "spread_median": float(np.median(d)),
+            "spread_p90": float(np.percentile(d, 90)),
+        }
+        if other is not None:
+            a = misorientation_deg(q[sel], q2[sel], sym, modulo_flip=True)
+            row["agree_median"] = float(np.median(a))
+            row["agree_<5"] = float((a < 5).mean())
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("grain") if rows else pd.DataFrame()
+
+
 def reliability_curve(
     errors: dict, reliability: np.ndarray, n_bins: int = 8, column: str = "modulo_flip"
 ):
@@ -1031,5 +1239,6 @@ def pyxem_index(
         phase_scores=np.full((n, len(library.phases)), np.nan),
         phase_corr=np.full((n, len(library.phases)), np.nan),
         phase_z=np.full((n, len(library.phases)), np.nan),
+        phase_mean=np.full((n, len(library.phases)), np.nan),
     )
     return result, {"seconds": seconds, "patterns_per_s": n / seconds}

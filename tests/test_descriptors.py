@@ -1,0 +1,163 @@
+"""Polar descriptors: planted spots, in-plane rotation as a circular shift, templates, tuning score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from temlib import descriptors as D
+from temlib import simulate
+
+ST = D.DescriptorSettings(r_min=0.15, r_max=1.3, n_r=40, n_theta=90)
+
+
+def _spots_at(q, phase="ferrite", err=0.05):
+    from orix.quaternion import Rotation
+
+    refl = simulate.reflections(phase, 1.5)
+    xy, inten, _ = simulate.kinematic_spots(refl, Rotation(q), kv=200, max_excitation_error=err)
+    return xy, inten
+
+
+def _rot_xy(xy, deg):
+    a = np.radians(deg)
+    m = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    return xy @ m.T
+
+
+def test_polar_transform_matches_scipy(rng):
+    from scipy import ndimage
+
+    pats = rng.random((3, 144, 144)).astype(np.float32) * 100
+    centers = np.array([[72.0, 72.0], [70.3, 73.6], [74.9, 69.2]])
+    cal = 0.021
+    out = D.polar_transform(pats, cal, centers, ST)
+    assert out.shape == (3, ST.n_r, 2 * ST.n_theta)
+    edges = np.linspace(ST.r_min, ST.r_max, ST.n_r * ST.oversample + 1)
+    r = 0.5 * (edges[1:] + edges[:-1]) / cal
+    th = np.arange(2 * ST.n_theta) * np.pi / ST.n_theta
+    for i in range(3):
+        rr = centers[i, 0] + r[:, None] * np.sin(th)
+        cc = centers[i, 1] + r[:, None] * np.cos(th)
+        ref = (
+            ndimage.map_coordinates(pats[i], [rr, cc], order=1)
+            .reshape(ST.n_r, ST.oversample, -1)
+            .mean(1)
+        )
+        np.testing.assert_allclose(out[i], ref, atol=1e-2)
+
+
+@pytest.mark.parametrize("deg", [0.0, 30.0, 64.0, 122.0])
+def test_inplane_rotation_is_a_circular_shift(deg):
+    xy, inten = _spots_at(
+        np.array([[0.9, 0.2, -0.3, 0.25]]) / np.linalg.norm([0.9, 0.2, -0.3, 0.25])
+    )
+    pats = (
+        D.render_spots(
+            np.concatenate([xy, _rot_xy(xy, deg)]), np.concatenate([inten, inten]), calibration=0.02
+        )
+        * 50
+    )
+    d = D.pattern_descriptors(pats, 0.02, np.full((2, 2), 72.0), ST)
+    best, shift = D.inplane_correlation(d[1:], d[:1])
+    assert best[0, 0] > 0.9
+    expected = (deg % 180) / ST.step_deg
+    assert min(abs(shift[0, 0] - expected), ST.n_theta - abs(shift[0, 0] - expected)) <= 1
+
+
+def test_pattern_matches_its_own_template_best():
+    q = np.array([[1.0, 0, 0, 0], [0.92, 0.3, 0.1, 0.22]])
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    xy, inten = _spots_at(q)
+    pats = D.render_spots(xy, inten, calibration=0.02, gamma=0.5) * 80 + 3
+    d = D.pattern_descriptors(pats, 0.02, np.full((2, 2), 72.0), ST)
+    t = D.template_descriptors(xy, inten, ST)
+    np.testing.assert_allclose(np.linalg.norm(t.reshape(2, -1), axis=1), 1, rtol=1e-5)
+    best, _ = D.inplane_correlation(d, t)
+    assert best[0, 0] > best[0, 1] and best[1, 1] > best[1, 0]
+    assert best[0, 0] > 0.6
+
+
+def test_spot_count_threshold_keeps_the_strongest():
+    xy, inten = _spots_at(np.array([[1.0, 0, 0, 0]]), err=0.1)
+    assert (inten > 0).sum() > 8
+    five = D.template_descriptors(xy, inten, ST.replace(n_spots=5))
+    order = np.argsort(-inten[0])[:5]
+    ref = D.template_descriptors(xy[:, order], inten[:, order], ST.replace(n_spots=0))
+    np.testing.assert_allclose(five, ref, atol=1e-6)
+
+
+def test_settings_round_trip(tmp_path):
+    s = ST.replace(gamma=0.3, background="opening", n_spots=12)
+    p = D.save_settings(s, tmp_path / "d.json", score=0.9)
+    assert D.load_settings(p) == s
+    with pytest.raises(FileNotFoundError, match="No descriptor settings"):
+        D.load_settings(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"background": "rolling"}, "Unknown background 'rolling'"),
+        ({"r_min": 1.5, "r_max": 1.0}, "Radial range"),
+        ({"gamma": 0.0}, "must be positive"),
+        ({"n_spots": -1}, "n_spots"),
+    ],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        D.DescriptorSettings(**kwargs)
+
+
+def test_bad_patterns():
+    with pytest.raises(ValueError, match="expected \\(N, ky, kx\\)"):
+        D.pattern_descriptors(np.zeros((144, 144)), 0.02, settings=ST)
+    with pytest.raises(ValueError, match="Calibration"):
+        D.pattern_descriptors(np.zeros((1, 144, 144)), -1.0, settings=ST)
+    bad = np.zeros((1, 144, 144), np.float32)
+    bad[0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        D.pattern_descriptors(bad, 0.02, settings=ST)
+    with pytest.raises(ValueError, match="do not match"):
+        D.template_descriptors(np.zeros((2, 3, 2)), np.zeros((2, 4)), ST)
+
+
+def test_ranking_score_prefers_matching_settings(rng):
+    """Planted sample: each pattern picks its own template; with the truths shuffled it cannot."""
+    from temlib.synth import random_quaternions
+
+    q = random_quaternions(24, rng)
+    xy, inten = _spots_at(q, err=0.08)
+    pats = (
+        D.render_spots(xy, inten, calibration=0.02, gamma=0.5) * 60 + rng.poisson(3, (24, 144, 144))
+    ).astype(np.float32)
+    sample = D.TuningSample(
+        patterns=pats,
+        calibration=np.full(24, 0.02),
+        centers=np.full((24, 2), 72.0),
+        phase_id=np.zeros(24, int),
+        quaternions=q,
+        region=np.arange(24),
+        phases=("ferrite",),
+    )
+    good = D.ranking_score(sample, ST.replace(excitation_error=0.08))
+    assert good["top1"] >= 0.9 and good["margin"] > 0
+    sample.quaternions = np.roll(q, 1, axis=0)
+    sample.spot_cache.clear()
+    bad = D.ranking_score(sample, ST.replace(excitation_error=0.08))
+    assert bad["top1"] <= 0.2 and bad["margin"] < 0
+
+
+def test_map_descriptors_shape():
+    import dask.array as da
+    import hyperspy.api as hs
+
+    xy, inten = _spots_at(np.array([[1.0, 0, 0, 0]]))
+    pat = (D.render_spots(xy, inten, calibration=0.02) * 50 + 2).astype(np.float32)[0]
+    data = da.from_array(np.broadcast_to(pat, (3, 5, 144, 144)).copy(), chunks=(2, 2, 144, 144))
+    s = hs.signals.Signal2D(data).as_lazy()
+    for ax in s.axes_manager.signal_axes:
+        ax.scale = 0.02
+    out = D.map_descriptors(s, ST, chunk=2, show_progressbar=False)
+    assert out.shape == (3, 5, ST.n_r, ST.n_theta)
+    np.testing.assert_allclose(out[0, 0], out[2, 4], atol=1e-4)

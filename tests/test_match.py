@@ -1,0 +1,200 @@
+"""Template matching: planted orientations recovered, sub-step in-plane angle, reliability, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from orix.quaternion import Orientation, Rotation
+
+from temlib import crystal, simulate
+from temlib import descriptors as D
+from temlib import match as M
+
+ST = D.DescriptorSettings(r_min=0.15, r_max=1.3, n_r=40, n_theta=90, excitation_error=0.05)
+
+
+@pytest.fixture(scope="module")
+def library():
+    lib = M.build_library(("ferrite", "NbC"), resolution=1.0, kv=200, settings=ST)
+    lib.phase_calibration = None  # plain z-scores: independent of any saved calibration
+    return lib
+
+
+def _render(q, phase, rng, err=0.05, noise=True):
+    refl = simulate.reflections(phase, 1.5)
+    xy, inten, _ = simulate.kinematic_spots(refl, Rotation(q), kv=200, max_excitation_error=err)
+    pats = D.render_spots(xy, inten, calibration=0.02, gamma=0.5) * 60 + 4
+    if noise:
+        pats = rng.poisson(pats).astype(np.float32)
+    return pats, xy, inten
+
+
+def _rich_orientations(phase, n, rng, min_spots=12):
+    """Random orientations whose patterns have at least ``min_spots`` spots in the descriptor's range.
+
+    Sparse kinematic patterns (a handful of spots) are genuinely ambiguous: several
+    orientations fit them equally well, so a recovery test plants informative ones.
+    """
+    from temlib.synth import random_quaternions
+
+    refl = simulate.reflections(phase, 1.5)
+    out = []
+    while len(out) < n:
+        q = random_quaternions(64, rng)
+        xy, inten, _ = simulate.kinematic_spots(
+            refl, Rotation(q), kv=200, max_excitation_error=0.05
+        )
+        r = np.hypot(xy[..., 0], xy[..., 1])
+        ok = ((inten > 0) & (r > ST.r_min) & (r < ST.r_max)).sum(axis=1) >= min_spots
+        out.extend(q[ok])
+    return np.array(out[:n])
+
+
+@pytest.mark.parametrize("phase", ["ferrite", "NbC"])
+def test_planted_orientations_are_recovered(library, phase, rng):
+    q = _rich_orientations(phase, 12, rng)
+    pats, _, _ = _render(q, phase, rng)
+    res = M.match_patterns(pats, 0.02, library, centers=np.full((len(q), 2), 72.0))
+    assert (np.array(library.names)[res.phase_index] == phase).all()
+    pid = library.names.index(phase)
+    err = M.misorientation_deg(
+        res.quaternions[:, 0], q, library.phases[pid].symmetry, modulo_flip=True
+    )
+    # kinematic spot patterns leave a few degrees of out-of-plane ambiguity on some orientations
+    assert np.median(err) < 2.0, err
+    assert (err < 3).mean() >= 0.6 and (err < 10).all(), err
+
+
+def test_inplane_angle_sub_step(library, rng):
+    """A template turned by an angle between two azimuth steps is found at that angle."""
+    pt = library.phases[0]
+    t = 200
+    same = 0
+    for phi in (37.3, 101.7, 12.9, 150.5):
+        q = M._qmul(pt.quaternions[t], M._rz(np.radians(-phi)))[None]
+        pats, _, _ = _render(q, "ferrite", rng, noise=False)
+        res = M.match_patterns(pats, 0.02, library, centers=np.full((1, 2), 72.0))
+        err = M.misorientation_deg(res.quaternions[:, 0], q, pt.symmetry, modulo_flip=True)[0]
+        assert err < 1.5
+        if (
+            res.template[0, 0] == t
+        ):  # the same template: the angle is recovered below the 2-deg step
+            same += 1
+            assert abs(((res.inplane[0, 0] - phi) + 90) % 180 - 90) < 0.5, (phi, res.inplane[0, 0])
+    assert same >= 3
+
+
+def test_reliability_low_for_mixed_pattern(library, rng):
+    n = 16
+    qa = _rich_orientations("ferrite", n, rng)
+    qb = _rich_orientations("ferrite", n, rng)
+    pa, _, _ = _render(qa, "ferrite", rng, noise=False)
+    pb, _, _ = _render(qb, "ferrite", rng, noise=False)
+    c = np.full((n, 2), 72.0)
+    single = M.match_patterns(rng.poisson(pa).astype(np.float32), 0.02, library, centers=c)
+    mixed = M.match_patterns(
+        rng.poisson(0.5 * pa + 0.5 * pb).astype(np.float32), 0.02, library, centers=c
+    )
+    assert np.median(mixed.reliability) < 0.8 * np.median(single.reliability)
+    assert (mixed.reliability < single.reliability).mean() >= 0.6
+    assert ((single.reliability >= 0) & (single.reliability <= 100)).all()
+
+
+def test_misorientation_matches_orix(rng):
+    from temlib.synth import random_quaternions
+
+    pg = crystal.get_phase("cementite").point_group
+    a, b = random_quaternions(20, rng), random_quaternions(20, rng)
+    ours = M.misorientation_deg(a, b, M.proper_symmetry(crystal.get_phase("cementite")))
+    ref = Orientation(a, symmetry=pg).angle_with(Orientation(b, symmetry=pg), degrees=True)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    flip = M.misorientation_deg(
+        a, M.beam_flip(a), M.proper_symmetry(crystal.get_phase("cementite")), modulo_flip=True
+    )
+    np.testing.assert_allclose(flip, 0, atol=1e-5)
+
+
+def _xmap(q, phase_id, names=("ferrite", "NbC")):
+    from orix.crystal_map import CrystalMap, PhaseList
+
+    n = len(q)
+    return CrystalMap(
+        rotations=Rotation(q),
+        phase_id=np.asarray(phase_id),
+        x=np.arange(n, dtype=float),
+        y=np.zeros(n),
+        phase_list=PhaseList(phases=crystal.get_phases(names), ids=[0, 1]),
+    )
+
+
+def test_error_metrics_planted(rng):
+    from temlib.synth import random_quaternions
+
+    q = random_quaternions(10, rng)
+    truth = _xmap(q, [0] * 8 + [1] * 2)
+    off = M._qmul(q, Rotation.from_axes_angles([1, 0, 0], np.radians(3.0)).data[0])
+    pred_q = off.copy()
+    pred_q[:4] = M.beam_flip(off[:4])  # the 180-deg beam flip: strictly wrong, modulo flip right
+    result = _xmap(pred_q, [0] * 7 + [1] * 3)  # one ferrite pixel called NbC
+    e = M.orientation_errors(result, truth)
+    assert e["phase_ok"].sum() == 9
+    np.testing.assert_allclose(e["modulo_flip"][e["phase_ok"]], 3.0, atol=0.05)
+    assert (e["strict"][:4] > 20).all() and np.allclose(e["strict"][4:7], 3.0, atol=0.05)
+    table = M.error_table(e)
+    assert table.loc["ferrite", "phase_acc"] == pytest.approx(7 / 8)
+    assert table.loc["all", "flip <5"] == 1.0 and table.loc["all", "strict <5"] == pytest.approx(
+        5 / 9
+    )
+    cm = M.confusion_matrix(e, ["ferrite", "NbC"])
+    assert cm.loc["ferrite", "NbC"] == 1 and cm.loc["NbC", "NbC"] == 2
+    curve = M.reliability_curve(e, np.linspace(0, 100, 10), n_bins=3)
+    assert curve["n"].sum() == 10
+
+
+def test_crystal_map_round_trip(library, rng, tmp_path):
+    q = _rich_orientations("ferrite", 6, rng)
+    pats, _, _ = _render(q, "ferrite", rng)
+    res = M.match_patterns(pats, 0.02, library, centers=np.full((6, 2), 72.0), n_best=3)
+    xmap = M.to_crystal_map(res, library, (2, 3))
+    assert xmap.rotations_per_point == 3
+    for k in ("correlation", "reliability", "phase_reliability", "inplane", "correlation_nbest"):
+        assert k in xmap.prop
+    h5, ang = M.save_crystal_map(xmap, tmp_path / "r.h5")
+    from orix import io as oio
+
+    back = oio.load(h5)
+    np.testing.assert_allclose(back.prop["reliability"], xmap.prop["reliability"])
+    assert ang.is_file() and ang.stat().st_size > 0
+    with pytest.raises(ValueError, match="do not fill"):
+        M.to_crystal_map(res, library, (4, 4))
+
+
+def test_bad_inputs(library):
+    with pytest.raises(ValueError, match="expected \\(N, 40, 90\\)"):
+        M.match_descriptors(np.zeros((2, 10, 90)), library)
+    with pytest.raises(ValueError, match="Unknown normalization 'max'"):
+        M.match_descriptors(np.zeros((2, 40, 90)), library, normalization="max")
+    with pytest.raises(ValueError, match="needs a phase calibration"):
+        M.match_descriptors(np.zeros((2, 40, 90)), library, normalization="calibrated")
+    with pytest.raises(ValueError, match="Unknown phase 'austenite'"):
+        M.build_library(("austenite",), settings=ST)
+
+
+def test_phase_calibration_fit(library, rng, tmp_path):
+    qa = _rich_orientations("ferrite", 10, rng, min_spots=6)
+    qb = _rich_orientations("NbC", 10, rng, min_spots=6)
+    pa, _, _ = _render(qa, "ferrite", rng)
+    pb, _, _ = _render(qb, "NbC", rng)
+    res = M.match_patterns(np.concatenate([pa, pb]), 0.02, library, centers=np.full((20, 2), 72.0))
+    cal = M.fit_phase_calibration(res, np.r_[np.zeros(10), np.ones(10)], library)
+    assert cal["phases"] == ["ferrite", "NbC"] and cal["train_accuracy"] >= 0.8
+    path = M.save_phase_calibration(cal, tmp_path / "c.json")
+    assert M.load_phase_calibration(library, path)["coef"] == cal["coef"]
+    library.phase_calibration = cal
+    try:
+        res2 = M.match_patterns(
+            pa, 0.02, library, centers=np.full((10, 2), 72.0), normalization="calibrated"
+        )
+        assert (res2.phase_index == 0).mean() >= 0.8
+    finally:
+        library.phase_calibration = None

@@ -1,0 +1,160 @@
+"""`temlib index`: a small synthetic map end to end, resume after an interruption, ml branch, CLI errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from temlib import cli, match, pipeline, synth
+from temlib import descriptors as D
+
+ST = D.DescriptorSettings(
+    r_min=0.2, r_max=1.25, n_r=32, n_theta=90, excitation_error=0.03, sigma=0.03
+)
+PHASES = ("ferrite", "NbC")
+
+
+@pytest.fixture(scope="module")
+def small_map(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("maps") / "m"
+    return synth.generate_map(
+        folder, shape=(8, 8), n_grains=3, nbc_particles=20.0, seed=4, show_progressbar=False
+    )
+
+
+@pytest.fixture(scope="module")
+def library():
+    lib = match.build_library(PHASES, resolution=1.0, kv=200, settings=ST)
+    lib.phase_calibration = None
+    return lib
+
+
+def test_index_map_writes_crystal_map(small_map, library, tmp_path):
+    out = tmp_path / "res.h5"
+    xmap = pipeline.index_map(
+        small_map.folder, phases=PHASES, out=out, chunk=4, library=library, show_progressbar=False
+    )
+    assert xmap.shape == (8, 8)
+    assert out.is_file() and out.with_suffix(".ang").is_file()
+    assert not out.with_name(out.name + ".parts").exists()
+    for k in ("correlation", "reliability", "phase_reliability", "inplane"):
+        assert k in xmap.prop
+    from orix import io as oio
+
+    back = oio.load(out)
+    np.testing.assert_allclose(back.prop["correlation"], xmap.prop["correlation"])
+    # ground truth: single-crystal pixels of the main phase are mostly indexed right (modulo the flip)
+    truth = small_map.truth()
+    e = match.orientation_errors(xmap, truth, mask=truth.prop["weight"] >= 0.999)
+    ferrite = e["truth"] == "ferrite"
+    assert e["phase_ok"][ferrite & e["scored"]].mean() > 0.8
+    assert np.nanmedian(e["modulo_flip"][ferrite]) < 5
+
+
+def test_resume_skips_finished_blocks(small_map, library, tmp_path, monkeypatch):
+    out = tmp_path / "res.h5"
+    calls = []
+    real = pipeline.index_patterns
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "index_patterns", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.index_map(
+            small_map.folder,
+            phases=PHASES,
+            out=out,
+            chunk=4,
+            library=library,
+            show_progressbar=False,
+        )
+    parts = out.with_name(out.name + ".parts")
+    assert len(list(parts.glob("block_*.npz"))) == 2 and not out.exists()
+
+    counted = []
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "index_patterns", counting)
+    xmap = pipeline.index_map(
+        small_map.folder, phases=PHASES, out=out, chunk=4, library=library, show_progressbar=False
+    )
+    assert len(counted) == 2  # 4 blocks, 2 already done
+    assert out.is_file() and xmap.size == 64
+    ref = pipeline.index_map(
+        small_map.folder, phases=PHASES, chunk=4, library=library, show_progressbar=False
+    )
+    np.testing.assert_allclose(ref.prop["correlation"], xmap.prop["correlation"], rtol=1e-5)
+
+
+def test_ml_uses_the_classifier_phase(small_map, library):
+    class FakeClassifier:
+        phases = ["ferrite", "NbC"]
+
+        def predict_proba(self, patterns, calibration):
+            p = np.zeros((len(patterns), 2))
+            p[:, 1] = 0.9  # everything NbC
+            p[:, 0] = 0.1
+            return p
+
+    xmap = pipeline.index_map(
+        small_map.folder,
+        method="ml",
+        models=FakeClassifier(),
+        chunk=8,
+        library=library,
+        show_progressbar=False,
+    )
+    names = {i: ph.name for i, ph in xmap.phases if i >= 0}
+    assert {names[i] for i in np.unique(xmap.phase_id)} == {"NbC"}
+    np.testing.assert_allclose(xmap.prop["phase_reliability"], 100 * (1 - 0.1 / 0.9))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "svm"], "Unknown method 'svm'; expected one of 'tm', 'ml', 'hybrid'"),
+        (["--method", "hybrid"], "comes with the orientation regression models"),
+        (["--phases", "ferrite,austenite"], "Unknown phase 'austenite'"),
+        (["--resolution", "0"], "Resolution 0.0 deg is out of range"),
+    ],
+)
+def test_cli_bad_arguments(small_map, tmp_path, capsys, args, message):
+    rc = cli.main(["index", str(small_map.folder), "--out", str(tmp_path / "r.h5"), *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bad_files(tmp_path, capsys, small_map):
+    assert cli.main(["index", str(tmp_path / "missing.zspy"), "--out", str(tmp_path / "r.h5")]) == 2
+    assert "No map file" in capsys.readouterr().err
+    empty = tmp_path / "empty.hspy"
+    empty.write_bytes(b"")
+    assert cli.main(["index", str(empty), "--out", str(tmp_path / "r.h5")]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert cli.main(["index", str(small_map.folder), "--out", str(tmp_path / "r.txt")]) == 2
+    assert "must end in .h5" in capsys.readouterr().err
+
+
+def test_cli_index_runs(small_map, tmp_path, capsys, monkeypatch, library):
+    monkeypatch.setattr(match, "build_library", lambda *a, **k: library)
+    rc = cli.main(
+        [
+            "index",
+            str(small_map.folder),
+            "--out",
+            str(tmp_path / "r.h5"),
+            "--phases",
+            "ferrite,NbC",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "indexed 64 patterns" in out and (tmp_path / "r.ang").is_file()
