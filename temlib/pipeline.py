@@ -163,6 +163,15 @@ def index_map(
 
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of 'tm', 'ml', 'hybrid'")
+    if method in ("ml", "hybrid") and library is None and not hasattr(models, "predict_proba"):
+        from . import regress  # per-phase orientation regressors (notebook 04), when trained
+
+        if regress.has_regressors(models, phases):
+            return regress.index_file(
+                map_path_or_signal, method, out=out, models=models, phases=phases,
+                resolution=resolution, chunk=chunk, calibration=calibration, kv=kv,
+                show_progressbar=show_progressbar,
+            )  # fmt: skip
     if method == "hybrid":
         raise ValueError(
             "Method 'hybrid' comes with the orientation regression models (a later issue); use 'tm' or 'ml'"
