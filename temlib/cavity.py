@@ -1584,34 +1584,74 @@ def plot_boxes(ax, boxes, color: str = "yellow", lw: float = 0.8, label: str | N
         )
 
 
-def widget_panel(size: int = 384):
-    """An ipywidgets panel: sliders for defocus, size, calibration, absorption, shape, seed."""
+def panel_png(
+    df_nm: float = -1000.0,
+    d_median_nm: float = 12.0,
+    nm_per_px: float = 0.5,
+    absorption_nm: float = 120.0,
+    faceted_fraction: float = 0.5,
+    count: int = 12,
+    seed: int = 0,
+    size: int = 384,
+) -> bytes:
+    """PNG bytes of one generated image (plain and with its label boxes) for these settings.
+
+    Drawn on a bare matplotlib ``Figure`` (no pyplot state), so it is safe in widget
+    callbacks and in headless runs.
+    """
+    import io
+
+    from matplotlib.figure import Figure
+
+    cfg = GeneratorConfig(
+        size=size,
+        count=(int(count), int(count)),
+        d_median_nm_range=(d_median_nm, d_median_nm),
+        faceted_fraction=faceted_fraction,
+        min_contrast=0.0,
+    )
+    opt = Optics(df_nm=df_nm, absorption_nm=absorption_nm)
+    res = generate_image(int(seed), cfg, nm_per_px=nm_per_px, optics=opt)
+    fig = Figure(figsize=(10, 5.2))
+    ax = fig.subplots(1, 2)
+    for a in ax:
+        a.imshow(res["image"], cmap="gray", vmin=0, vmax=255)
+        a.axis("off")
+    plot_boxes(ax[1], res["boxes"])
+    fig.suptitle(
+        f"df = {df_nm:.0f} nm, fringe ~ {np.sqrt(WAVELENGTH_NM * abs(df_nm)):.2f} nm; "
+        f"{len(res['boxes'])} labelled"
+    )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    return buf.getvalue()
+
+
+def widget_panel(size: int = 384, show_static: bool = True):
+    """An ipywidgets panel: sliders for defocus, size, calibration, absorption, shape, seed.
+
+    The picture is an ``ipywidgets.Image`` whose PNG is replaced when a slider is released
+    (:func:`panel_png`). No ``interact``/``Output`` widget is used: those capture output
+    through front-end comms and hang headless runs (papermill/nbclient, seen here after
+    OpenVINO inference; nteract/papermill#723). Without a live front-end the sliders
+    simply never fire.
+
+    Parameters
+    ----------
+    size
+        Generated image size, px.
+    show_static
+        Also display the first setting as a plain PNG, so static reports show it.
+
+    Returns
+    -------
+    ipywidgets.VBox
+        Sliders and the picture (display it as a cell's last expression).
+    """
     import ipywidgets as w
-    import matplotlib.pyplot as plt
 
-    def show(df_nm, d_median_nm, nm_per_px, absorption_nm, faceted_fraction, count, seed):
-        cfg = GeneratorConfig(
-            size=size,
-            count=(count, count),
-            d_median_nm_range=(d_median_nm, d_median_nm),
-            faceted_fraction=faceted_fraction,
-            min_contrast=0.0,
-        )
-        opt = Optics(df_nm=df_nm, absorption_nm=absorption_nm)
-        res = generate_image(seed, cfg, nm_per_px=nm_per_px, optics=opt)
-        fig, ax = plt.subplots(1, 2, figsize=(10, 5))
-        ax[0].imshow(res["image"], cmap="gray")
-        ax[1].imshow(res["image"], cmap="gray")
-        plot_boxes(ax[1], res["boxes"])
-        for a in ax:
-            a.axis("off")
-        fig.suptitle(
-            f"df = {df_nm:.0f} nm, fringe ~ {np.sqrt(WAVELENGTH_NM * abs(df_nm)):.2f} nm; {len(res['boxes'])} labelled"
-        )
-        plt.show()
-
-    return w.interactive(
-        show,
+    sliders = dict(
         df_nm=w.FloatSlider(value=-1000, min=-3000, max=3000, step=100, description="defocus nm"),
         d_median_nm=w.FloatSlider(value=12, min=3, max=40, step=1, description="median d nm"),
         nm_per_px=w.FloatSlider(value=0.5, min=0.2, max=1.5, step=0.05, description="nm/px"),
@@ -1622,3 +1662,18 @@ def widget_panel(size: int = 384):
         count=w.IntSlider(value=12, min=0, max=60, description="cavities"),
         seed=w.IntSlider(value=0, min=0, max=100, description="seed"),
     )
+    for s in sliders.values():
+        s.continuous_update = False
+    first = panel_png(**{k: s.value for k, s in sliders.items()}, size=size)
+    picture = w.Image(value=first, format="png")
+
+    def update(_change=None):
+        picture.value = panel_png(**{k: s.value for k, s in sliders.items()}, size=size)
+
+    for s in sliders.values():
+        s.observe(update, names="value")
+    if show_static:
+        from IPython.display import Image, display
+
+        display(Image(data=first))
+    return w.VBox([w.HBox(list(sliders.values())[:4]), w.HBox(list(sliders.values())[4:]), picture])

@@ -243,3 +243,17 @@ def test_cli_detect_writes_tables(tiny_detector, tmp_path):
     assert all(len(ln.split()) == 6 for ln in lines)
     (imgs / "broken.png").write_bytes(b"not a png")
     assert cli.main(args) == 2
+
+
+def test_widget_panel_updates_without_output_capture():
+    """The panel uses an Image widget (no interact/Output: those hang headless runs)."""
+    w = pytest.importorskip("ipywidgets")
+    panel = cv.widget_panel(size=64, show_static=False)
+    picture = panel.children[-1]
+    assert isinstance(picture, w.Image) and picture.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any(
+        isinstance(c, w.Output) for box in panel.children for c in getattr(box, "children", [])
+    )
+    before = picture.value
+    panel.children[0].children[0].value = 2000.0  # defocus slider: over-focus
+    assert picture.value != before
