@@ -6,12 +6,18 @@ Prints a table (median over repeats) of:
 - the same imaging by full-frame FFT propagation (the peer: what the patch method avoids);
 - ``generate_dataset`` writing PNG + YOLO txt + mask + tables, 1 and 2 worker processes.
 
+Wall-clock rates depend on what else runs on the machine; the table also gives the CPU
+time per image (this process and its workers) and the rate that CPU time allows on 2
+idle cores (``2 / cpu_s``), with the load average at the start.
+
 Usage: ``python benchmarks/bench_cavity.py [--n 40] [--repeats 3]``
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
 import tempfile
 import time
@@ -37,12 +43,23 @@ def full_frame_intensity(cavities, shape, px_nm, optics):
     return np.abs(sfft.ifft2(sfft.fft2(wave, workers=2) * H, workers=2)) ** 2 - 1
 
 
-def median_time(fn, repeats):
-    times = []
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children."""
+    a = resource.getrusage(resource.RUSAGE_SELF)
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def median_time(fn, repeats, cpu_out=None):
+    """Median wall seconds of ``fn()``; the median CPU seconds go to ``cpu_out`` (a list)."""
+    times, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = _cpu(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        cpus.append(_cpu() - c0)
+    if cpu_out is not None:
+        cpu_out.append(float(np.median(cpus)))
     return float(np.median(times))
 
 
@@ -54,9 +71,11 @@ def main():
     cfg = cv.GeneratorConfig(size=1024)
     cv.generate_image(0, cfg)  # warm caches
 
-    rows = []
-    t = median_time(lambda: [cv.generate_image(i, cfg) for i in range(args.n)], args.repeats)
-    rows.append(("generate_image, 1 process (in memory)", args.n / t))
+    load = os.getloadavg()[0]
+    rows = []  # (what, images/s wall, CPU s per image or None)
+    cpu = []
+    t = median_time(lambda: [cv.generate_image(i, cfg) for i in range(args.n)], args.repeats, cpu)
+    rows.append(("generate_image, 1 process (in memory)", args.n / t, cpu[-1] / args.n))
 
     rng = np.random.default_rng(0)
     px = 0.6
@@ -67,18 +86,20 @@ def main():
         median_time(
             lambda: [cv.cavity_intensity(cavs, (1024, 1024), px, opt) for _ in range(k)],
             args.repeats,
+            cpu,
         )
         / k
     )
+    rows.append(("cavity imaging, 25 cavities, patches", 1 / t_patch, cpu[-1] / k))
     t_full = (
         median_time(
             lambda: [full_frame_intensity(cavs, (1024, 1024), px, opt) for _ in range(k)],
             args.repeats,
+            cpu,
         )
         / k
     )
-    rows.append(("cavity imaging, 25 cavities, patches", 1 / t_patch))
-    rows.append(("cavity imaging, 25 cavities, full-frame FFT (peer)", 1 / t_full))
+    rows.append(("cavity imaging, 25 cavities, full-frame FFT (peer)", 1 / t_full, cpu[-1] / k))
 
     for workers in (1, 2):
         tmp = Path(tempfile.mkdtemp())
@@ -86,14 +107,17 @@ def main():
         def run(workers=workers, tmp=tmp):
             cv.generate_dataset(args.n, tmp / "out", cfg, rng=1, workers=workers, progress=False)
 
-        t = median_time(run, args.repeats)
+        t = median_time(run, args.repeats, cpu)
         shutil.rmtree(tmp, ignore_errors=True)
-        rows.append((f"generate_dataset to disk, {workers} worker(s)", args.n / t))
+        rows.append(
+            (f"generate_dataset to disk, {workers} worker(s)", args.n / t, cpu[-1] / args.n)
+        )
 
     width = max(len(r[0]) for r in rows)
-    print(f"{'what (1024 x 1024 px)':<{width}}  images/s")
-    for name, rate in rows:
-        print(f"{name:<{width}}  {rate:8.1f}")
+    print(f"load average at start: {load:.1f} (2 cores)")
+    print(f"{'what (1024 x 1024 px)':<{width}}  images/s  CPU ms/image  2 idle cores /s")
+    for name, rate, c in rows:
+        print(f"{name:<{width}}  {rate:8.1f}  {1e3 * c:12.0f}  {2 / c:15.1f}")
     print(f"patch / full-frame speed-up of the imaging step: {t_full / t_patch:.1f}x")
     print("target: >= 20 labelled images/s with 2 workers on 2 cores")
 

@@ -257,3 +257,13 @@ def test_widget_panel_updates_without_output_capture():
     before = picture.value
     panel.children[0].children[0].value = 2000.0  # defocus slider: over-focus
     assert picture.value != before
+
+
+def test_scaled_faceted_cavity_matches_recomputed_geometry(rng):
+    c = cv.Cavity(10.0, 20.0, 5.0, True, 1.3, cv._rotation(rng))
+    s, r = c.scaled(1.7), cv.Cavity(10.0, 20.0, 8.5, True, 1.3, c.rotation)
+    for k in ("hx", "hy", "x0", "y0", "volume", "d_eq"):
+        assert s.geometry()[k] == pytest.approx(r.geometry()[k], rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(
+        np.sort(s.outline_px(0.5), axis=0), np.sort(r.outline_px(0.5), axis=0), atol=1e-9
+    )
