@@ -157,9 +157,7 @@ def disorientation_deg(
 def reduce_to_fundamental_zone(q: np.ndarray, phase) -> Orientation:
     """orix ``Orientation`` of (N, 4) quaternions with the phase's symmetry, in the fundamental zone."""
     ph = crystal.get_phase(phase) if isinstance(phase, str) else phase
-    return Orientation(
-        np.asarray(q, float).reshape(-1, 4), symmetry=ph.point_group
-    ).map_into_symmetry_reduced_zone()
+    return Orientation(np.asarray(q, float).reshape(-1, 4), symmetry=ph.point_group).reduce()
 
 
 def euler_targets(q: np.ndarray, phase) -> np.ndarray:
@@ -893,7 +891,7 @@ class Regressor:
             )
         out = []
         for a in range(0, len(desc), batch_size):
-            out.append(np.asarray(self.model(desc[a : a + batch_size], training=False)))
+            out.append(np.asarray(self.model([desc[a : a + batch_size]], training=False)))
         return (
             np.concatenate(out)
             if out
@@ -1576,6 +1574,7 @@ def load_models(
     resolution: float = 1.0,
     profile: str = "default",
     hybrid: dict | None = None,
+    missing: str = "error",
 ) -> Models:
     """Load the regressors, the phase classifier and (for ``hybrid``/``tm``) the template library.
 
@@ -1595,6 +1594,9 @@ def load_models(
         Beam energy (kV) and template step (deg) of the library.
     hybrid
         Per-phase overrides of :func:`hybrid_refine` arguments, ``{phase: {...}}``.
+    missing
+        A phase without a saved regressor: ``"error"`` (FileNotFoundError) or ``"tm"``
+        (that phase's branch becomes template matching, with a warning).
     """
     phases = list(phases)
     branches = (
@@ -1605,12 +1607,20 @@ def load_models(
     for p, m in branches.items():
         if m not in METHODS:
             raise ValueError(f"Unknown method {m!r} for {p}; expected one of {METHODS}")
+    if missing not in ("error", "tm"):
+        raise ValueError(f"Unknown missing-model rule {missing!r}; expected 'error' or 'tm'")
     needs_reg = [p for p in phases if branches[p] in ("ml", "hybrid")]
     regs = {}
     for p in needs_reg:
         folder = (
             Path(models) / f"regressor_{p}" if models is not None else default_model_dir(p, profile)
         )
+        if missing == "tm" and not (folder / MODEL_FILE).is_file():
+            log.warning(
+                "no regressor for %s in %s: that phase goes to template matching", p, folder
+            )
+            branches[p] = "tm"
+            continue
         regs[p] = load_regressor(folder)
     settings = next(iter(regs.values())).settings if regs else descriptors.load_settings()
     clf = None
@@ -2277,11 +2287,14 @@ def error_histogram_figure(
     return fig
 
 
-def simulate_acquisition(signal, folder: str | Path, chunk: int = 64, interval: float = 0.2):
+def simulate_acquisition(
+    signal, folder: str | Path, chunk: int = 64, interval: float = 0.2, rows: int | None = None
+):
     """Write a map's patterns as ``.npy`` chunk files into ``folder`` from a background thread.
 
     Stands in for a detector during acquisition: each chunk of ``chunk`` patterns (scan
-    order) is written to a temporary name and renamed every ``interval`` seconds.
+    order) is written to a temporary name and renamed every ``interval`` seconds; only the
+    first ``rows`` scan rows when given.
 
     Returns
     -------
@@ -2295,7 +2308,8 @@ def simulate_acquisition(signal, folder: str | Path, chunk: int = 64, interval: 
         old.unlink()
     data = signal.data
     h, w = data.shape[:2]
-    flat = data.reshape(h * w, *data.shape[2:])
+    h = h if rows is None else min(rows, h)
+    flat = data[:h].reshape(h * w, *data.shape[2:])
 
     def run():
         for k, a in enumerate(range(0, h * w, chunk)):
@@ -2399,6 +2413,7 @@ def compare_methods(
             classifier=False if phase_source == "truth" else None,
             kv=kv,
             profile=profile,
+            missing="tm",
         )
         phase_of = truth_pid if phase_source == "truth" else None
         index_patterns(
