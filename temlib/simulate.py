@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from orix.crystal_map import Phase
 from orix.quaternion import Rotation
+from tqdm.auto import tqdm
 
 from . import crystal, paths
 
@@ -309,8 +310,16 @@ def template_library(
     kv: float = 200.0,
     cache: bool | str | Path = True,
     show_progressbar: bool = False,
+    batch: int = 2000,
 ) -> TemplateLibrary:
-    """Simulate (or read from the cache) a diffsims template library of ``phase``.
+    """Simulate (or read from the cache) a template library of ``phase``.
+
+    The spots are those of diffsims' ``calculate_diffraction2d`` (diffsims reflections,
+    structure factors and shape factors), computed by :func:`kinematic_spots` for
+    ``batch`` orientations at a time: identical without precession (see
+    ``compare_with_diffsims``), tens of times faster, which matters for full-zone
+    libraries of tens of thousands of templates. With precession the set of spots
+    near the edge of the precession cone can differ slightly from diffsims'.
 
     Parameters
     ----------
@@ -331,7 +340,9 @@ def template_library(
     cache
         True: ``data/cache/templates``; a folder; or False for no cache.
     show_progressbar
-        tqdm bar over the templates.
+        tqdm bar over the batches.
+    batch
+        Orientations per batch (bounds memory: about batch x reflections x 12 bytes).
     """
     if isinstance(phase, str):
         phase = crystal.get_phase(phase)
@@ -368,27 +379,35 @@ def template_library(
                 )
     rotations = _sampling(phase, kind, resolution)
     t0 = time.perf_counter()
-    sim = _generator(params).calculate_diffraction2d(
-        phase,
-        rotation=rotations,
-        reciprocal_radius=reciprocal_radius,
-        max_excitation_error=max_excitation_error,
-        with_direct_beam=False,
-        show_progressbar=show_progressbar,
-    )
+    refl = reflections(phase, g_max=reciprocal_radius)
+    parts = []
+    for start in tqdm(
+        range(0, rotations.size, batch), desc=f"{phase.name} {kind}", disable=not show_progressbar
+    ):
+        parts.append(
+            kinematic_spots(
+                refl,
+                rotations[start : start + batch],
+                kv=kv,
+                max_excitation_error=max_excitation_error,
+                precession_deg=precession_deg,
+                min_intensity=minimum_intensity,
+            )
+        )
     seconds = time.perf_counter() - t0
-    coords = sim.coordinates if rotations.size > 1 else [sim.coordinates]
-    n_max = max(max((c.size for c in coords), default=1), 1)
+    n_max = max(max(p[1].shape[1] for p in parts), 1)
     xy = np.zeros((rotations.size, n_max, 2), np.float32)
     inten = np.zeros((rotations.size, n_max), np.float32)
     hkl = np.zeros((rotations.size, n_max, 3), np.int16)
-    for i, c in enumerate(coords):
-        if c.size == 0:
-            continue
-        order = np.argsort(-c.intensity)
-        xy[i, : c.size] = c.data[order, :2]
-        inten[i, : c.size] = c.intensity[order]
-        hkl[i, : c.size] = np.round(c.hkl[order]).astype(np.int16)
+    start = 0
+    for p_xy, p_int, p_idx in parts:
+        n, k = p_int.shape
+        xy[start : start + n, :k] = p_xy
+        inten[start : start + n, :k] = p_int
+        hkl[start : start + n, :k] = np.where(
+            p_idx[..., None] >= 0, refl.hkl[np.maximum(p_idx, 0)], 0
+        )
+        start += n
     lib = TemplateLibrary(phase, rotations, xy, inten, hkl, params, seconds)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
