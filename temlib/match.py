@@ -125,6 +125,25 @@ def misorientation_deg(
     return np.degrees(2 * np.arccos(np.clip(best, 0, 1)))
 
 
+def beam_direction_angle(q1: np.ndarray, q2: np.ndarray, symmetry: np.ndarray) -> np.ndarray:
+    """Angle (deg) between the beam directions (crystal frame) of orientations, modulo the Laue group.
+
+    Both signs of a direction count as the same (Friedel's law), so patterns from
+    beam-reversed, mirror-related orientations compare as equal.
+    """
+    from orix.quaternion import Rotation as _R
+
+    def beam(q):
+        q = np.asarray(q, float)
+        return _R(q.reshape(-1, 4)).to_matrix()[:, :, 2].reshape(*q.shape[:-1], 3)  # R z
+
+    v1, v2 = beam(q1), beam(q2)
+    mats = _R(symmetry).to_matrix()  # (S, 3, 3)
+    sv2 = np.einsum("sij,...j->s...i", mats, v2)
+    cos = np.abs((v1[None] * sv2).sum(-1)).max(axis=0)
+    return np.degrees(np.arccos(np.clip(cos, 0, 1)))
+
+
 def beam_flip(rotations):
     """Orientations turned 180 deg about the beam: ``R * Rz(180)`` (the same kinematic pattern).
 
@@ -164,7 +183,7 @@ class PhaseTemplates:
     spectra
         (T, K, R) complex64 conjugate azimuthal spectra of the template descriptors.
     coarse
-        (K1, R, T) the ``K1`` lowest frequencies, laid out for the screening GEMM.
+        (K1, 2R, 2T) float32: the ``K1`` lowest frequencies as real blocks for the screening GEMM.
     symmetry
         (S, 4) proper symmetry rotations.
     """
@@ -230,6 +249,7 @@ def build_library(
     max_excitation_error: float | None = None,
     n_freq: int | None = None,
     coarse_freq: int = 8,
+    coarse_pool: int = 1,
     show_progressbar: bool = False,
 ) -> Library:
     """Simulate (or read cached) template libraries and turn them into matching spectra.
@@ -251,6 +271,8 @@ def build_library(
         and smooths the correlation.
     coarse_freq
         Frequencies of the coarse screen (:func:`match_descriptors` ``n_keep``).
+    coarse_pool
+        Radial bins summed together in the coarse screen.
     """
     from . import simulate
 
@@ -282,7 +304,7 @@ def build_library(
                 phase=lib.phase,
                 quaternions=np.asarray(lib.rotations.data, float),
                 spectra=spec,
-                coarse=np.ascontiguousarray(spec[:, :coarse_freq].transpose(1, 2, 0)),
+                coarse=_stack_coarse(spec, coarse_freq, coarse_pool),
                 symmetry=proper_symmetry(lib.phase),
             )
         )
@@ -292,6 +314,7 @@ def build_library(
         "max_excitation_error": max_excitation_error,
         "n_freq": n_freq,
         "coarse_freq": coarse_freq,
+        "coarse_pool": coarse_pool,
     }
     lib = Library(out, settings, params)
     lib.phase_calibration = load_phase_calibration(lib)
@@ -487,6 +510,33 @@ def _refine(c: np.ndarray, n_theta: int):
     return np.minimum(value, 1.0), np.mod((i0 + delta) * (180.0 / n_theta), 180.0)
 
 
+def _coarse_idft(k1: int) -> np.ndarray:
+    """(2 k1, 2 k1) real matrix: [Re g_k, Im g_k] (k < k1) -> correlation at 2 k1 in-plane angles (= irfft)."""
+    m = 2 * k1
+    j = np.arange(m)[:, None]
+    k = np.arange(k1)[None, :]
+    c = np.where(k == 0, 1.0, 2.0) / m
+    ang = 2 * np.pi * j * k / m
+    return np.concatenate([c * np.cos(ang), -c * np.sin(ang)], axis=1).astype(np.float32)
+
+
+def _pool(x: np.ndarray, pool: int) -> np.ndarray:
+    """Sum groups of ``pool`` adjacent radial bins (last axis)."""
+    if pool <= 1:
+        return x
+    r = x.shape[-1] // pool * pool
+    return x[..., :r].reshape(*x.shape[:-1], r // pool, pool).sum(axis=-1)
+
+
+def _stack_coarse(spec: np.ndarray, k1: int, pool: int = 1) -> np.ndarray:
+    """(k1, 2R', 2T) float32 [[Re S, Im S], [-Im S, Re S]] of (T, K, R) spectra (radial bins pooled by
+    ``pool``): a complex GEMM as a real one."""
+    s = _pool(spec[:, :k1], pool).transpose(1, 2, 0)  # (k1, R', T)
+    top = np.concatenate([s.real, s.imag], axis=2)
+    bottom = np.concatenate([-s.imag, s.real], axis=2)
+    return np.ascontiguousarray(np.concatenate([top, bottom], axis=1)).astype(np.float32)
+
+
 def _phase_candidates(ef: np.ndarray, pt: PhaseTemplates, n_theta: int, k: int, n_keep: int | None):
     """Correlate a batch with one phase; return the top-k templates and per-phase statistics.
 
@@ -499,7 +549,9 @@ def _phase_candidates(ef: np.ndarray, pt: PhaseTemplates, n_theta: int, k: int, 
 
     n = ef.shape[1]
     n_t = pt.size
+    ef = np.concatenate([ef, np.conj(ef)], axis=1)  # patterns, then mirrored patterns
     if n_keep is None or n_keep >= n_t:  # exhaustive
+        n = ef.shape[1]
         g = np.matmul(ef[: pt.spectra.shape[1]], pt.spectra_krt())
         base = g[0].real.mean(axis=1) / n_theta
         c = fft.irfft(g, n=n_theta, axis=0)
@@ -508,12 +560,23 @@ def _phase_candidates(ef: np.ndarray, pt: PhaseTemplates, n_theta: int, k: int, 
         coarse = best
     else:
         k1 = pt.coarse.shape[0]
-        g = np.matmul(ef[:k1], pt.coarse)  # (k1, n, T)
+        t2 = pt.coarse.shape[2] // 2
+        rr = pt.coarse.shape[1] // 2
+        pool = ef.shape[2] // rr
+        e1 = _pool(ef[:k1, :n], pool)
+        # [Re E, Im E] @ [[A], [B]] = Re E @ A + Im E @ B; the mirrored pattern (conjugate spectrum)
+        # is Re E @ A - Im E @ B: both from the same two half-size GEMMs
+        p1 = np.matmul(np.ascontiguousarray(e1.real), pt.coarse[:, :rr])  # (k1, n, 2T)
+        p2 = np.matmul(np.ascontiguousarray(e1.imag), pt.coarse[:, rr:])
+        g = np.concatenate([p1 + p2, p1 - p2], axis=1)  # (k1, 2n, 2T): patterns, then mirrored
+        n = 2 * n
         base = (
-            g[0].real.mean(axis=1) / n_theta
+            g[0, :, :t2].mean(axis=1) / n_theta
         )  # in-plane-averaged correlation, mean over templates
-        c1 = fft.irfft(g, n=2 * k1, axis=0)  # (2 k1, n, T)
-        coarse = c1.max(axis=0)
+        x = g.reshape(k1, n, 2, t2).transpose(2, 0, 1, 3).reshape(2 * k1, n * t2)
+        coarse = (
+            (_coarse_idft(k1) @ x).reshape(2 * k1, n, t2).max(axis=0)
+        )  # correlation at 2 k1 angles
         keep = np.argpartition(-coarse, n_keep - 1, axis=1)[:, :n_keep]
     mean = coarse.mean(axis=1)
     std = coarse.std(axis=1)
@@ -566,8 +629,9 @@ def match_descriptors(
     library: Library,
     n_best: int = 5,
     normalization: str = "auto",
-    min_angle: float = 5.0,
-    n_candidates: int = 25,
+    min_angle: float = 10.0,
+    distinct_beam: bool = True,
+    n_candidates: int = 80,
     n_keep: int | None = 40,
     batch: int = 64,
     phase_of=None,
@@ -592,6 +656,11 @@ def match_descriptors(
         library has a calibration for its phases and settings, else none).
     min_angle
         Q2 of the reliability is the best solution at least this far (deg) from the best.
+    distinct_beam
+        Q2 must also have a beam direction at least ``min_angle`` away (Laue group, either
+        sign): solutions that differ only by the beam reversal of a mirror-symmetric
+        pattern, or by a rotation about the same beam direction, give near-identical
+        kinematic patterns and are not counted as competing solutions.
     n_candidates
         Templates per phase considered for the n best and the reliability.
     n_keep
@@ -638,7 +707,6 @@ def match_descriptors(
         ef = np.ascontiguousarray(fft.rfft(d, axis=-1).transpose(2, 0, 1)).astype(
             np.complex64
         )  # (K, n, R)
-        efm = np.conj(ef)  # spectra of the mirrored descriptors E(r, -theta)
         cands = []
         p_corr = np.full((n, n_ph), np.nan)
         p_z = np.full((n, n_ph), np.nan)
@@ -654,8 +722,7 @@ def match_descriptors(
                 cands.append(None)
                 continue
             m = rows.size
-            both = np.concatenate([ef[:, rows], efm[:, rows]], axis=1)
-            top, val, ang, z = _phase_candidates(both, pt, st.n_theta, n_cand, n_keep)
+            top, val, ang, z = _phase_candidates(ef[:, rows], pt, st.n_theta, n_cand, n_keep)
             # mirrored descriptor matched template t at angle a <=> mirrored template t (index
             # t + T, orientation R_t * C2y) at angle -a matches the pattern itself
             top = np.concatenate([top[:m], top[m:] + pt.size], axis=1)
@@ -703,6 +770,8 @@ def match_descriptors(
             quat[rows] = q
             mis = misorientation_deg(q[:, :1], q, pt.symmetry, modulo_flip=True)  # (rows, k)
             far = mis >= min_angle
+            if distinct_beam:  # also a different beam direction (Laue group, either sign)
+                far &= beam_direction_angle(q[:, :1], q, pt.symmetry) >= min_angle
             q2 = np.where(far, v_, -np.inf).max(axis=1)
             q2 = np.where(
                 np.isfinite(q2), q2, v_[:, -1]

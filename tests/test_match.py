@@ -85,9 +85,10 @@ def test_inplane_angle_sub_step(library, rng):
 
 
 def test_reliability_low_for_mixed_pattern(library, rng):
-    n = 16
-    qa = _rich_orientations("ferrite", n, rng)
-    qb = _rich_orientations("ferrite", n, rng)
+    """A pattern mixed 50/50 from two grains has a competing solution: its reliability drops."""
+    n = 24
+    qa = _rich_orientations("ferrite", n, rng, min_spots=6)
+    qb = _rich_orientations("ferrite", n, rng, min_spots=6)
     pa, _, _ = _render(qa, "ferrite", rng, noise=False)
     pb, _, _ = _render(qb, "ferrite", rng, noise=False)
     c = np.full((n, 2), 72.0)
@@ -95,7 +96,7 @@ def test_reliability_low_for_mixed_pattern(library, rng):
     mixed = M.match_patterns(
         rng.poisson(0.5 * pa + 0.5 * pb).astype(np.float32), 0.02, library, centers=c
     )
-    assert np.median(mixed.reliability) < 0.8 * np.median(single.reliability)
+    assert np.median(mixed.reliability) < 0.7 * np.median(single.reliability)
     assert (mixed.reliability < single.reliability).mean() >= 0.6
     assert ((single.reliability >= 0) & (single.reliability <= 100)).all()
 
