@@ -338,3 +338,27 @@ def test_frame_scrubber_is_static_html():
     assert "<input" in page.data and page.data.count("data:image/jpeg") == 2
     with pytest.raises(ValueError, match="step must be a positive integer"):
         track.frame_scrubber(v.frames, track.truth_as_tracks(v), step=0)
+
+
+def test_cli_track_video_file(tiny_model, tmp_path):
+    import cv2
+
+    v = insitu.simulate_video(
+        3, (96, 128), nucleation_per_nm2_dpa=0.3, dose_rate=1e-2, rng=4, with_masks=False
+    )
+    path = tmp_path / "movie.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (128, 96))
+    for f in v.frames:
+        w.write(np.repeat(f[..., None], 3, 2))
+    w.release()
+    out = tmp_path / "t.csv"
+    assert (
+        cli.main(
+            ["track", str(path), "--out", str(out), "--model", str(tiny_model), "--conf", "0.01"]
+        )
+        == 0
+    )
+    assert list(pd.read_csv(out).columns) == track.TRACK_COLUMNS
+    (tmp_path / "bad.avi").write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="is not a readable video"):
+        track.track_frames(tmp_path / "bad.avi", tiny_model, progress=False)
