@@ -52,6 +52,8 @@ from pathlib import Path
 import numpy as np
 import scipy.fft as sfft
 
+from .boxio import _xyxy, list_images, read_image, read_yolo_txt, write_yolo_txt
+
 log = logging.getLogger(__name__)
 
 WAVELENGTH_NM = 2.5079e-3  # electron wavelength at 200 kV
@@ -1040,7 +1042,6 @@ def read_backgrounds(folder: str | Path) -> list[tuple[str, np.ndarray, np.ndarr
     -------
     list of (name, image (M, N) uint8, labels (K, 5) [class, x1, y1, x2, y2] px)
     """
-    from .detect import list_images, read_image, read_yolo_txt
 
     out = []
     for f in list_images(folder):
@@ -1095,10 +1096,6 @@ def crop_background(
 
 def _one(args) -> tuple[str, dict, list[dict]]:
     """Generate image ``i`` and write its PNG, YOLO txt and mask (runs in a worker)."""
-    from PIL import Image
-
-    from .detect import write_yolo_txt
-
     i, seed, cfg, bg, fraction, tmp, width = args
     rng = np.random.default_rng(seed)
     if bg is not None:
@@ -1113,12 +1110,39 @@ def _one(args) -> tuple[str, dict, list[dict]]:
         res = generate_image(rng, cfg)
     stem = f"cav_{i:0{width}d}"
     tmp = Path(tmp)
-    Image.fromarray(res["image"]).save(tmp / "images" / f"{stem}.png", compress_level=1)
+    _write_png(tmp / "images" / f"{stem}.png", res["image"], "huffman")
     write_yolo_txt(
         tmp / "labels" / f"{stem}.txt", res["boxes"], res["image"].shape, with_conf=False
     )
-    Image.fromarray(res["masks"]).save(tmp / "masks" / f"{stem}.png", compress_level=1)
+    _write_png(tmp / "masks" / f"{stem}.png", res["masks"], "rle")
     return stem, res["meta"], res["cavities"]
+
+
+def _write_png(path: Path, image: np.ndarray, strategy: str) -> None:
+    """Write an 8- or 16-bit grey PNG fast (lossless; zlib level 1 with a cheap strategy).
+
+    ``"huffman"`` suits noisy images (faster and smaller than the default filters here),
+    ``"rle"`` label masks that are mostly zero.
+    """
+    try:
+        import cv2
+
+        flag = {
+            "huffman": cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+            "rle": cv2.IMWRITE_PNG_STRATEGY_RLE,
+        }
+        ok, buf = cv2.imencode(
+            ".png",
+            image,
+            [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, flag[strategy]],
+        )
+        if not ok:
+            raise OSError(f"Cannot encode {path.name} as PNG")
+        path.write_bytes(buf.tobytes())
+    except ImportError:  # pragma: no cover - opencv comes with the yolo extra
+        from PIL import Image
+
+        Image.fromarray(image).save(path, compress_level=1)
 
 
 def generate_dataset(
@@ -1302,8 +1326,6 @@ def load_dataset(folder) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]
     ``folder`` is one output folder of :func:`generate_dataset` or a list of them (joined).
     """
     import csv
-
-    from .detect import read_image, read_yolo_txt
 
     if isinstance(folder, list | tuple):
         parts = [load_dataset(f) for f in folder]
@@ -1493,7 +1515,6 @@ def mean_cavity_profile(
     r_over_R, profile
         ``(n_bins,)`` each; ``profile`` is NaN when no cavity qualified.
     """
-    from .detect import _xyxy
 
     if isinstance(images, np.ndarray) and images.ndim == 2:
         images, boxes = [images], [boxes]
@@ -1527,7 +1548,6 @@ def shared_backgrounds(max_images: int = 40, rng=None) -> list[tuple[str, np.nda
     cavities into (loops act as distractors). Returns ``(name, image, no labels)``.
     """
     from . import paths
-    from .detect import read_image
 
     root = paths.shared_data()
     if root is None:
@@ -1552,7 +1572,6 @@ def real_cavity_images(
     import csv
 
     from . import paths
-    from .detect import read_image
 
     root = paths.shared_data()
     folder = root / "cavities" / "bf_tem_cavities" if root else None
@@ -1583,8 +1602,6 @@ def real_cavity_images(
 def plot_boxes(ax, boxes, color: str = "yellow", lw: float = 0.8, label: str | None = None) -> None:
     """Draw boxes (any :mod:`temlib.detect` format) as rectangles on a matplotlib axis."""
     from matplotlib.patches import Rectangle
-
-    from .detect import _xyxy
 
     for k, (x1, y1, x2, y2) in enumerate(_xyxy(boxes)):
         ax.add_patch(

@@ -38,121 +38,22 @@ from pathlib import Path
 import numpy as np
 
 from . import _runtime, paths
+from .boxio import (  # noqa: F401  re-exported: part of this module's API
+    IMAGE_SUFFIXES,
+    _xyxy,
+    list_images,
+    read_image,
+    read_yolo_txt,
+    to_gray8,
+    write_yolo_txt,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MODEL_NAMES = ("cavity", "insitu")
 
 
-# --------------------------------------------------------------------------- images
-
-
-def to_gray8(image: np.ndarray) -> np.ndarray:
-    """Convert a grey or RGB(A) image of any dtype to grey uint8 ``(M, N)``.
-
-    Parameters
-    ----------
-    image
-        ``(M, N)``, ``(M, N, 1)``, ``(M, N, 3)`` or ``(M, N, 4)``; uint8, uint16, other
-        integer or float.
-
-    Returns
-    -------
-    np.ndarray
-        ``(M, N)`` uint8. RGB is weighted 0.299 R + 0.587 G + 0.114 B (alpha dropped);
-        non-uint8 data is stretched linearly from its 0.1 to 99.9 percentile to 0..255.
-    """
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    elif a.ndim == 3 and a.shape[2] in (3, 4):
-        dtype = a.dtype
-        a = a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        if dtype == np.uint8:
-            return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-    if a.ndim != 2:
-        raise ValueError(
-            f"Image of shape {a.shape} is not an image; expected (M, N) grey or (M, N, 3|4) RGB(A)"
-        )
-    if min(a.shape) < 8:
-        raise ValueError(f"Image of shape {a.shape} is too small; expected at least 8 x 8 pixels")
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == bool:
-        return a.astype(np.uint8) * 255
-    f = a.astype(np.float32)
-    if not np.isfinite(f).all():
-        raise ValueError("Image holds NaN or infinite values; expected finite intensities")
-    lo, hi = np.percentile(f, [0.1, 99.9])
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return np.clip(np.rint((f - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as grey uint8 ``(M, N)`` (see :func:`to_gray8` for conversions).
-
-    Raises
-    ------
-    FileNotFoundError
-        No such file.
-    ValueError
-        The file is not a readable image.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No image file {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                a = np.asarray(im)
-            elif im.mode in ("L", "RGB", "RGBA"):
-                a = np.asarray(im)
-            else:
-                a = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ImportError, ValueError) as e:
-        # ImportError: ultralytics patches PIL.Image.open to try pi_heif on unknown files
-        raise ValueError(
-            f"Cannot read image {path.name!r} ({e}); expected a PNG/JPEG/TIFF image"
-        ) from None
-    return to_gray8(a)
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files (``.png .jpg .jpeg .tif .tiff .bmp``) of ``folder``, sorted by name."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"No folder {folder}")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a folder; expected a folder of images")
-    files = sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
-    if not files:
-        raise ValueError(
-            f"Folder {folder} holds no images; expected files ending in {', '.join(IMAGE_SUFFIXES)}"
-        )
-    return files
-
-
 # --------------------------------------------------------------------------- boxes
-
-
-def _xyxy(boxes: np.ndarray) -> np.ndarray:
-    """Corner coordinates ``(K, 4)`` from labels ``(K, 5)``, predictions ``(K, 6)`` or ``(K, 4)``."""
-    b = np.asarray(boxes, dtype=float)
-    if b.size == 0:
-        return np.zeros((0, 4))
-    if b.ndim != 2 or b.shape[1] not in (4, 5, 6):
-        raise ValueError(
-            f"Boxes of shape {b.shape} are not boxes; expected (K, 4) [x1, y1, x2, y2], "
-            "(K, 5) [class, x1, y1, x2, y2] or (K, 6) [x1, y1, x2, y2, conf, class]"
-        )
-    return b[:, 1:5] if b.shape[1] == 5 else b[:, :4]
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -205,74 +106,6 @@ def match(pred_boxes: np.ndarray, true_boxes: np.ndarray, iou_threshold: float =
     return dict(
         tp=tp, fp=fp, fn=fn, precision=precision, recall=recall, f1=f1, matches=pairs, iou=ious
     )
-
-
-def write_yolo_txt(
-    path: str | Path, boxes: np.ndarray, image_shape: tuple[int, int], with_conf: bool = True
-) -> Path:
-    """Write boxes as a YOLO txt file (``class cx cy w h [conf]``, normalised), atomically.
-
-    Parameters
-    ----------
-    path
-        Output file.
-    boxes
-        Labels ``(K, 5)`` ``[class, x1, y1, x2, y2]`` or predictions ``(K, 6)``
-        ``[x1, y1, x2, y2, conf, class]``, pixels.
-    image_shape
-        ``(M, N)`` rows, columns of the image the boxes belong to.
-    with_conf
-        Append the confidence column (predictions only).
-    """
-    b = np.asarray(boxes, dtype=float).reshape(-1, np.shape(boxes)[-1] if np.size(boxes) else 5)
-    xy = _xyxy(b)
-    h, w = int(image_shape[0]), int(image_shape[1])
-    if b.shape[1] == 6:
-        cls, conf = b[:, 5], b[:, 4]
-    elif b.shape[1] == 5:
-        cls, conf = b[:, 0], None
-    else:
-        cls, conf = np.zeros(len(b)), None
-    xy = np.clip(xy, 0, [w, h, w, h])
-    cx, cy = (xy[:, 0] + xy[:, 2]) / 2 / w, (xy[:, 1] + xy[:, 3]) / 2 / h
-    bw, bh = (xy[:, 2] - xy[:, 0]) / w, (xy[:, 3] - xy[:, 1]) / h
-    lines = []
-    for i in range(len(b)):
-        line = f"{int(cls[i])} {cx[i]:.6f} {cy[i]:.6f} {bw[i]:.6f} {bh[i]:.6f}"
-        if with_conf and conf is not None:
-            line += f" {conf[i]:.4f}"
-        lines.append(line)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
-    os.replace(tmp, path)
-    return path
-
-
-def read_yolo_txt(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
-    """Read a YOLO txt file into predictions ``(K, 6)`` ``[x1, y1, x2, y2, conf, class]`` in pixels.
-
-    A file without a confidence column (labels) gets ``conf = 1``; take the class and
-    corners as labels with ``b[:, [5, 0, 1, 2, 3]]``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No label file {path}")
-    rows = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
-    if not rows:
-        return np.zeros((0, 6))
-    if any(len(r) not in (5, 6) for r in rows):
-        raise ValueError(
-            f"Label file {path.name!r} has a row of the wrong length; expected 'class cx cy w h [conf]'"
-        )
-    h, w = image_shape[:2]
-    out = np.ones((len(rows), 6))
-    for i, r in enumerate(rows):
-        c, cx, cy, bw, bh = (float(v) for v in r[:5])
-        out[i, :4] = [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
-        out[i, 4] = float(r[5]) if len(r) == 6 else 1.0
-        out[i, 5] = c
-    return out
 
 
 # --------------------------------------------------------------------------- dataset
@@ -416,6 +249,7 @@ def train(
     seed: int = 0,
     nm_per_px: float | None = None,
     description: str = "",
+    metadata: dict | None = None,
     **kwargs,
 ) -> Path:
     """Train a grey YOLO detector from scratch and return ``<out_dir>/best.pt``.
@@ -437,6 +271,9 @@ def train(
         Calibration of the training images, stored in the metadata.
     description
         One line on the training data, stored in the metadata.
+    metadata
+        More entries for ``metadata.json``, e.g. inference defaults ``tile_overlap`` and
+        ``tile_whole_frame`` (see :meth:`Detector.predict`).
 
     Returns
     -------
@@ -514,6 +351,7 @@ def train(
         "dataset": str(dataset_yaml),
         "description": description,
         "val_metrics": metrics,
+        **(metadata or {}),
     }
     _write_json(out_dir / "metadata.json", meta)
     # an older export next to new weights would be stale
@@ -661,8 +499,9 @@ class Detector:
         conf: float = 0.25,
         iou: float = 0.5,
         tile: int | str | None = None,
-        overlap: float = 0.25,
+        overlap: float | None = None,
         batch: int = 8,
+        whole_frame: bool | None = None,
     ) -> list[np.ndarray]:
         """Detect objects in one image or a batch and return boxes per image.
 
@@ -680,9 +519,15 @@ class Detector:
             merged with NMS. Use it for small defects in frames much larger than ``imgsz``.
             ``"auto"``: tiles of ``imgsz`` when a frame is over 1.5 ``imgsz``, else whole.
         overlap
-            Fraction of a tile shared with its neighbour, ``0 <= overlap < 0.9``.
+            Fraction of a tile shared with its neighbour, ``0 <= overlap < 0.9``
+            (``None``: the model's metadata ``tile_overlap``, else 0.25).
         batch
             Frames or tiles per forward pass.
+        whole_frame
+            With tiles, also detect on the whole frame letterboxed to ``imgsz`` and keep
+            its boxes larger than the tile overlap: objects that big may lie whole in no
+            tile (large cavities). Not for native-scale models (frames would shrink).
+            ``None``: the model's metadata ``tile_whole_frame``, else False.
 
         Returns
         -------
@@ -694,6 +539,10 @@ class Detector:
             raise ValueError(f"conf {conf!r} is out of range; expected 0 < conf < 1")
         if tile is not None and tile != "auto" and (not isinstance(tile, int) or tile < 32):
             raise ValueError(f"tile {tile!r} is too small; expected at least 32 px or None")
+        if overlap is None:
+            overlap = float(self.metadata.get("tile_overlap", 0.25))
+        if whole_frame is None:
+            whole_frame = bool(self.metadata.get("tile_whole_frame", False))
         if not 0 <= overlap < 0.9:
             raise ValueError(f"overlap {overlap!r} is out of range; expected 0 <= overlap < 0.9")
         frames = _as_frames(image_or_batch)
@@ -733,6 +582,10 @@ class Detector:
                 d[:, [0, 2]] += x0
                 d[:, [1, 3]] += y0
                 allb.append(d)
+            if whole_frame and not self.metadata.get("native_scale"):
+                d = self._run([f], conf, iou, batch)[0]
+                side = np.maximum(d[:, 2] - d[:, 0], d[:, 3] - d[:, 1])
+                allb.append(d[side > ov - margin])
             allb = np.concatenate(allb) if allb else np.zeros((0, 6))
             results.append(allb[_nms(allb, iou)])
         return results

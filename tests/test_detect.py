@@ -160,3 +160,44 @@ def test_read_image_16bit_and_rgb(tmp_path):
     g16 = detect.read_image(tmp_path / "a16.png")
     assert g16.dtype == np.uint8 and g16.max() == 255 and g16.min() == 0
     assert detect.read_image(tmp_path / "rgb.png")[0, 0] == 200
+
+
+def _bright_box_detector(imgsz: int) -> detect.Detector:
+    """A Detector whose model 'finds' the bounding box of bright pixels in each frame or tile."""
+    det = detect.Detector.__new__(detect.Detector)
+    det.metadata, det.imgsz, det.classes = {}, imgsz, ["cavity"]
+
+    def run(frames, conf, iou, batch):
+        out = []
+        for f in frames:
+            r, c = np.nonzero(f > 128)
+            box = [[c.min(), r.min(), c.max() + 1, r.max() + 1, 0.9, 0]] if len(r) else []
+            out.append(np.array(box, float).reshape(-1, 6))
+        return out
+
+    det._run = run
+    return det
+
+
+def test_whole_frame_pass_keeps_objects_larger_than_the_tile_overlap():
+    img = np.zeros((128, 128), np.uint8)
+    img[40:100, 40:100] = 255  # 60 px: whole in no 64 px tile overlapping by 16 px
+    det = _bright_box_detector(64)
+    assert len(det.predict(img, tile=64, overlap=0.25)[0]) == 0
+    got = det.predict(img, tile=64, overlap=0.25, whole_frame=True)[0]
+    np.testing.assert_allclose(got[:, :4], [[40, 40, 100, 100]])
+    img[:] = 0
+    img[5:15, 70:80] = 255  # small: found by the tiles, not duplicated by the whole frame
+    got = det.predict(img, tile=64, overlap=0.25, whole_frame=True)[0]
+    np.testing.assert_allclose(got[:, :4], [[70, 5, 80, 15]])
+
+
+def test_tiling_defaults_come_from_the_model_metadata():
+    img = np.zeros((128, 128), np.uint8)
+    img[40:100, 40:100] = 255
+    det = _bright_box_detector(64)
+    det.metadata = {"tile_whole_frame": True, "tile_overlap": 0.25}
+    assert len(det.predict(img, tile=64)[0]) == 1
+    det.metadata = {"tile_overlap": 0.95}
+    with pytest.raises(ValueError, match="overlap 0.95 is out of range"):
+        det.predict(img, tile=64)
