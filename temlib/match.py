@@ -894,23 +894,46 @@ def to_crystal_map(
     )
 
 
-def subset(xmap, index: np.ndarray):
-    """A (1, n) ``CrystalMap`` of the points ``index`` (flat scan indices) of ``xmap``, props included.
+def subset(xmap, index: np.ndarray, shape: tuple[int, int] | None = None):
+    """A ``CrystalMap`` of the points ``index`` (flat scan indices) of ``xmap``, props included.
 
-    For scoring a random subset of a map (e.g. the patterns pyxem indexed) against the truth.
+    For scoring a subset of a map (e.g. the window pyxem indexed) against the truth. The
+    result is a (1, n) row, or a ``shape`` (rows, cols) grid when the points form a window
+    (given in scan order).
     """
     from orix.crystal_map import CrystalMap
 
     index = np.asarray(index).ravel()
     n = len(index)
+    if shape is not None and int(np.prod(shape)) != n:
+        raise ValueError(f"{n} points do not fill a {shape} grid; expected {int(np.prod(shape))}")
+    rr, cc = (
+        np.unravel_index(np.arange(n), shape) if shape is not None else (np.zeros(n), np.arange(n))
+    )
     rot = xmap.rotations.data.reshape(xmap.size, -1, 4)[index]
     return CrystalMap(
         rotations=Rotation(rot if rot.shape[1] > 1 else rot[:, 0]),
         phase_id=np.asarray(xmap.phase_id)[index],
-        x=np.arange(n, dtype=float),
-        y=np.zeros(n),
+        x=np.asarray(cc, dtype=float),
+        y=np.asarray(rr, dtype=float),
         phase_list=xmap.phases,
         prop={k: np.asarray(v)[index] for k, v in xmap.prop.items()},
+    )
+
+
+def best_only(xmap):
+    """A copy of ``xmap`` with only the best solution per point (for plots that take one rotation)."""
+    from orix.crystal_map import CrystalMap
+
+    rot = xmap.rotations.data.reshape(xmap.size, -1, 4)[:, 0]
+    return CrystalMap(
+        rotations=Rotation(rot),
+        phase_id=np.asarray(xmap.phase_id),
+        x=np.asarray(xmap.x),
+        y=np.asarray(xmap.y),
+        phase_list=xmap.phases,
+        prop={k: np.asarray(v) for k, v in xmap.prop.items()},
+        scan_unit=xmap.scan_unit,
     )
 
 
@@ -1173,7 +1196,10 @@ def grain_spread(xmap, labels: np.ndarray, other=None):
             row["agree_median"] = float(np.median(a))
             row["agree_<5"] = float((a < 5).mean())
         rows.append(row)
-    return pd.DataFrame(rows).set_index("grain") if rows else pd.DataFrame()
+    cols = ["grain", "phase", "n", "spread_median", "spread_p90"] + (
+        ["agree_median", "agree_<5"] if other is not None else []
+    )
+    return pd.DataFrame(rows, columns=cols).set_index("grain")
 
 
 def reliability_curve(

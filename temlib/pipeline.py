@@ -116,7 +116,7 @@ def index_patterns(
 def index_map(
     map_path_or_signal,
     method: str = "tm",
-    phases=crystal.STEEL_PHASES,
+    phases=None,
     resolution: float = 1.0,
     out: str | Path | None = None,
     models=None,
@@ -139,7 +139,8 @@ def index_map(
         ``"tm"`` (template matching), ``"ml"`` (classifier phase + template-matching
         orientation) or ``"hybrid"`` (not yet: comes with the regression models).
     phases
-        Phase names (a tuple or ``"ferrite,NbC,cementite"``); for ``ml`` the classifier's.
+        Phase names (a tuple or ``"ferrite,NbC,cementite"``); default the steel phases, or
+        the phases of ``library`` when one is given; for ``ml`` the classifier's.
     resolution
         Template library step (deg).
     out
@@ -176,6 +177,8 @@ def index_map(
         raise ValueError(
             "Method 'hybrid' comes with the orientation regression models (a later issue); use 'tm' or 'ml'"
         )
+    if phases is None:
+        phases = tuple(library.names) if library is not None else crystal.STEEL_PHASES
     if isinstance(phases, str):
         phases = tuple(p.strip() for p in phases.split(",") if p.strip())
     phases = tuple(crystal.get_phase(p).name for p in phases)  # validates names
@@ -215,6 +218,9 @@ def index_map(
     if library is None:
         library = match.build_library(phases, resolution=resolution, kv=beam_kv, settings=settings)
     elif library.names != list(phases):
+        missing = [p for p in phases if p not in library.names]
+        if missing:
+            raise ValueError(f"Phases {missing} are not in the given library {library.names}")
         library = library.restrict(phases)
     h, w = signal.data.shape[:2]
     spec = {
