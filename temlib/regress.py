@@ -2240,7 +2240,7 @@ def calibrate_fallback(
     q: np.ndarray,
     local: LocalTemplates,
     n_candidates: int = 32,
-    quantile: float = 0.1,
+    quantile: float = 0.05,
     tolerance: float = 2.0,
 ) -> float:
     """The hybrid's fallback threshold: a low quantile of the local correlation of good refinements.
