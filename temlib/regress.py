@@ -2552,3 +2552,30 @@ def has_regressors(
         if not (folder / MODEL_FILE).is_file():
             return False
     return True
+
+
+def goals_table(comparison):
+    """The issue's goals against the measured end-to-end comparison (:func:`compare_methods`).
+
+    Rows: hybrid median disorientation <= 0.5 deg, hybrid >= 95 % within 2 deg, ML median
+    <= 2 deg (all phases, modulo the beam flip, correctly phased pixels), with the measured
+    value and whether it is met.
+    """
+    import pandas as pd
+
+    def value(method, col):
+        sel = comparison[(comparison["method"] == method) & (comparison["phase"] == "all")]
+        return float(sel[col].iloc[0]) if len(sel) else np.nan
+
+    rows = [
+        ("hybrid median (deg)", "<= 0.5", value("hybrid", "flip median"), lambda v: v <= 0.5),
+        ("hybrid fraction < 2 deg", ">= 0.95", value("hybrid", "flip <2"), lambda v: v >= 0.95),
+        ("ML median (deg)", "<= 2", value("ml", "flip median"), lambda v: v <= 2),
+        ("TM median (deg), for reference", "-", value("tm", "flip median"), lambda v: np.nan),
+    ]
+    return pd.DataFrame(
+        [
+            {"goal": g, "target": t, "measured": v, "met": (f(v) if np.isfinite(v) else np.nan)}
+            for g, t, v, f in rows
+        ]
+    )
