@@ -230,3 +230,19 @@ def test_bad_inputs(tmp_path):
         next(regress.iter_folder(tmp_path / "missing", 4))
     with pytest.raises(ValueError, match="not a stack"):
         regress.fast_descriptors(np.zeros((8, 8)), 0.02)
+
+
+def test_goals_table_reads_the_comparison():
+    import pandas as pd
+
+    comp = pd.DataFrame(
+        [
+            {"method": "hybrid", "phase": "all", "flip median": 0.4, "flip <2": 0.9},
+            {"method": "ml", "phase": "all", "flip median": 1.5, "flip <2": 0.6},
+            {"method": "tm", "phase": "all", "flip median": 0.3, "flip <2": 0.97},
+            {"method": "ml", "phase": "ferrite", "flip median": 9.0, "flip <2": 0.1},
+        ]
+    )
+    g = regress.goals_table(comp).set_index("goal")
+    assert g.loc["hybrid median (deg)", "met"] and not g.loc["hybrid fraction < 2 deg", "met"]
+    assert g.loc["ML median (deg)", "measured"] == 1.5 and g.loc["ML median (deg)", "met"]
