@@ -591,6 +591,33 @@ def _lowres_field(rng, shape: tuple[int, int], scale_px: float) -> np.ndarray:
     return ((g - g.mean()) / (g.std() + 1e-12)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=1)
+def _noise_bank(n: int = 2048) -> np.ndarray:
+    """A fixed ``(n, n)`` field of standard normal float32 noise (built once per process)."""
+    return np.random.default_rng(0x5EED).standard_normal((n, n), dtype=np.float32)
+
+
+def _white_noise(rng, shape: tuple[int, int]) -> np.ndarray:
+    """Standard normal noise ``(M, N)``: a random crop of the noise bank, randomly flipped.
+
+    Drawing a million normals costs more than the rest of the background; a crop at a
+    random offset (about 4 million of them in a 2048 px bank) with flips is as good for a
+    camera-noise texture. Frames larger than the bank get fresh noise.
+    """
+    bank = _noise_bank()
+    M, N = shape
+    if M > bank.shape[0] or N > bank.shape[1]:
+        return rng.standard_normal(shape, dtype=np.float32)
+    r0 = int(rng.integers(0, bank.shape[0] - M + 1))
+    c0 = int(rng.integers(0, bank.shape[1] - N + 1))
+    a = bank[r0 : r0 + M, c0 : c0 + N]
+    if rng.random() < 0.5:
+        a = a[::-1]
+    if rng.random() < 0.5:
+        a = a[:, ::-1]
+    return np.ascontiguousarray(a)
+
+
 def synthetic_background(
     shape: tuple[int, int], rng=None, noise: float | None = None
 ) -> np.ndarray:
@@ -623,14 +650,28 @@ def synthetic_background(
     fine = _blur(rng.standard_normal(half, dtype=np.float32), rng.uniform(0.8, 2.0))
     b = b + rng.uniform(0.02, 0.08) * _resize(fine / (fine.std() + 1e-9), shape)
     n_dots = int(rng.integers(0, 80) * M * N / 1024**2)
-    if n_dots:  # black dots
-        dots = np.zeros(shape, np.float32)
-        dots[rng.integers(0, M, n_dots), rng.integers(0, N, n_dots)] = rng.uniform(0.5, 1.0, n_dots)
+    if n_dots:  # black dots: Gaussian stamps (cheaper than blurring a whole frame of deltas)
+        rows, cols = rng.integers(0, M, n_dots), rng.integers(0, N, n_dots)
+        depth = rng.uniform(0.5, 1.0, n_dots)
         size = rng.uniform(1.0, 3.0)
-        b = b - rng.uniform(0.1, 0.35) * _blur(dots, size) * (2 * np.pi * size**2)
+        depth = depth * rng.uniform(0.1, 0.35)
+        rad = int(np.ceil(3 * size))
+        k = np.arange(-rad, rad + 1, dtype=np.float32) ** 2
+        stamp = np.exp(-(k[:, None] + k[None, :]) / np.float32(2 * size**2))
+        b = np.array(b, np.float32)
+        for r, c, v in zip(rows, cols, depth, strict=True):
+            r0, r1, c0, c1 = (
+                max(r - rad, 0),
+                min(r + rad + 1, M),
+                max(c - rad, 0),
+                min(c + rad + 1, N),
+            )
+            b[r0:r1, c0:c1] -= (
+                np.float32(v) * stamp[r0 - r + rad : r1 - r + rad, c0 - c + rad : c1 - c + rad]
+            )
     b = np.clip(b, 0.2, None)
     level = noise if noise is not None else rng.uniform(0.03, 0.12)
-    nz = _blur(rng.standard_normal(shape, dtype=np.float32), rng.uniform(0.4, 1.0))
+    nz = _blur(_white_noise(rng, shape), rng.uniform(0.4, 1.0))
     nz *= level / (nz.std() + 1e-9)
     return (b * (1 + nz)).astype(np.float32)
 
@@ -778,7 +819,9 @@ def place_cavities(
                 off = rng.uniform(-0.6, 0.4) * r_px
                 row, col = [(off, t * N), (M - off, t * N), (t * M, off), (t * M, N - off)][side]
             else:
-                row, col = rng.uniform(r_px, M - r_px), rng.uniform(r_px, N - r_px)
+                # centres keep the cavity inside (a cavity wider than the frame: centred)
+                hr, hc = min(r_px, M / 2), min(r_px, N / 2)
+                row, col = rng.uniform(hr, M - hr), rng.uniform(hc, N - hc)
             ok = True
             for i, (r2, c2, rr) in enumerate(circ):
                 dist = np.hypot(row - r2, col - c2)

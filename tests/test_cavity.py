@@ -276,3 +276,9 @@ def test_scaled_faceted_cavity_matches_recomputed_geometry(rng):
     np.testing.assert_allclose(
         np.sort(s.outline_px(0.5), axis=0), np.sort(r.outline_px(0.5), axis=0), atol=1e-9
     )
+
+
+def test_cavity_wider_than_the_frame_is_placed(rng):
+    cfg = cv.GeneratorConfig(size=32, d_median_nm_range=(60, 60), d_sigma=0.0, edge_fraction=0.0)
+    cavs = cv.place_cavities(rng, 1, (32, 32), 1.0, cfg)
+    assert len(cavs) == 1 and cavs[0].row == pytest.approx(16) and cavs[0].col == pytest.approx(16)
