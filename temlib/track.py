@@ -567,6 +567,7 @@ def find_events(
     border_px: float = 4.0,
     margin_px: float = 3.0,
     gap: int = 3,
+    growth: float = 1.04,
 ) -> pd.DataFrame:
     """Nucleation, disappearance and coalescence events from a tracks table.
 
@@ -574,7 +575,8 @@ def find_events(
       image border, where defects drift in, when ``shape`` is given);
     - coalescence: a track ends at frame ``f`` (last seen ``f - 1``) while another track
       that was present before is, within ``gap`` frames, at most its half size +
-      ``margin_px`` from the ended track's last centre: ``track_id`` merged into ``other_id``;
+      ``margin_px`` from the ended track's last centre and whose size (median over ``gap``
+      frames) grew by at least ``growth`` across the end: ``track_id`` merged into ``other_id``;
     - disappearance: any other end before the last frame (and away from the border).
 
     Parameters
@@ -587,6 +589,8 @@ def find_events(
         Frame shape (M, N), to ignore tracks entering or leaving across the border.
     border_px, margin_px, gap
         Tolerances (px, px, frames).
+    growth
+        Smallest size ratio after / before of the surviving track for a coalescence.
 
     Returns
     -------
@@ -620,6 +624,14 @@ def find_events(
         if r.frame > 0 and not at_border(r):
             events.append((int(r.frame), "nucleation", int(tid), 0, r.row, r.col))
     by_frame = {f: d for f, d in t.groupby("frame")}
+    by_track = {k: d.set_index("frame")["size"] for k, d in t.groupby("track_id")}
+
+    def grew(k, end):
+        s = by_track[k]
+        before = s[(s.index < end) & (s.index >= end - gap)]
+        after = s[(s.index >= end) & (s.index < end + gap)]
+        return len(before) and len(after) and after.median() >= growth * before.median()
+
     for tid, r in last.iterrows():
         if r.frame >= last_frame or at_border(r):
             continue
@@ -634,6 +646,7 @@ def find_events(
                 continue
             dist = np.hypot(d.row - r.row, d.col - r.col)
             ok = dist <= d["size"] / 2 + margin_px + r["size"] / 2 * 0.5
+            ok &= np.array([bool(grew(k, end)) for k in d.track_id])
             if ok.any():
                 best = int(d.track_id[ok].iloc[int(np.argmin(dist[ok].to_numpy()))])
                 break
