@@ -346,7 +346,7 @@ def train(
         "channels": 1,
         "nm_per_px": nm_per_px,
         "model_cfg": str(model_cfg),
-        "epochs": int(epochs),
+        "epochs": int(getattr(model.trainer, "epochs", epochs)),  # run (a time budget refits it)
         "seed": int(seed),
         "dataset": str(dataset_yaml),
         "description": description,

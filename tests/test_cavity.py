@@ -200,7 +200,7 @@ def tiny_detector(tmp_path_factory):
         y,
         root / "model",
         imgsz=128,
-        epochs=10,
+        epochs=12,
         batch=4,
         nbs=4,  # one optimizer step per batch (no accumulation to 64)
         warmup_epochs=1,  # >= 100 warm-up steps: the high bias LR finds the objectness fast
@@ -215,9 +215,9 @@ def test_detector_finds_large_cavities(tiny_detector, tmp_path):
     w, cfg, root = tiny_detector
     test = [cv.generate_image(100 + i, cfg) for i in range(6)]
     det = detect.load_detector(w)
-    preds = det.predict([t["image"] for t in test], conf=0.1)
+    preds = det.predict([t["image"] for t in test], conf=0.05)
     ev = detect.evaluate(preds, [t["boxes"] for t in test], iou_thresholds=(0.3,))
-    # about 130 optimizer steps from scratch: most large cavities found, few false alarms
+    # about 160 optimizer steps from scratch: most large cavities found, few false alarms
     assert ev["recall@0.3"] >= 0.5 and ev["precision@0.3"] >= 0.5, ev
 
 
