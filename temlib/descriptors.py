@@ -50,7 +50,7 @@ BACKGROUNDS = ("none", "median", "opening")
 class DescriptorSettings:
     """Everything that defines a descriptor (both sides). Units in the comments."""
 
-    r_min: float = 0.3  # 1/Å, inner edge (excludes the direct beam and its tails)
+    r_min: float = 0.1  # 1/Å, inner edge (the radial weight below mutes the direct-beam tails)
     r_max: float = 1.3  # 1/Å, outer edge
     n_r: int = 40  # radial bins
     n_theta: int = 90  # azimuth bins over [0, 180) deg (2 deg each)
@@ -63,11 +63,9 @@ class DescriptorSettings:
     zero_mean: bool = False  # subtract the descriptor's mean before normalising
     sigma: float = 0.03  # 1/Å, template spot width
     template_gamma: float = 0.25  # template spot weight (I / I_max) ** template_gamma
-    n_spots: int = 20  # strongest template spots kept (0: all)
+    n_spots: int = 30  # strongest template spots kept (0: all)
     excitation_error: float = 0.03  # 1/Å, relrod half-width of the simulated templates
-    radial_weight: float = (
-        0.0  # both sides x (r / r_max) ** radial_weight (outer spots span fewer bins)
-    )
+    radial_weight: float = 1.5  # both sides x (r / r_max) ** w (outer spots span fewer bins)
 
     def __post_init__(self):
         if not 0 <= self.r_min < self.r_max:
@@ -722,8 +720,8 @@ SEARCH_SPACE: dict[str, tuple] = {
     "sigma": (0.015, 0.02, 0.03, 0.04),
     "n_spots": (10, 20, 30, 50, 0),
     "zero_mean": (False, True),
-    "radial_weight": (0.0, 0.5, 1.0, 1.5),
-    "r_min": (0.1, 0.2, 0.3),
+    "radial_weight": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "r_min": (0.05, 0.1, 0.2, 0.3),
     "r_max": (1.0, 1.15, 1.3),
     "excitation_error": (0.015, 0.02, 0.03, 0.05),
 }

@@ -164,6 +164,11 @@ def index_map(
 
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of 'tm', 'ml', 'hybrid'")
+    if phases is None:
+        phases = tuple(library.names) if library is not None else crystal.STEEL_PHASES
+    if isinstance(phases, str):
+        phases = tuple(p.strip() for p in phases.split(",") if p.strip())
+    phases = tuple(crystal.get_phase(p).name for p in phases)  # validates names
     if method in ("ml", "hybrid") and library is None and not hasattr(models, "predict_proba"):
         from . import regress  # per-phase orientation regressors (notebook 04), when trained
 
@@ -175,13 +180,8 @@ def index_map(
             )  # fmt: skip
     if method == "hybrid":
         raise ValueError(
-            "Method 'hybrid' comes with the orientation regression models (a later issue); use 'tm' or 'ml'"
+            "Method 'hybrid' needs the trained orientation regression models (notebook 04); use 'tm' or 'ml'"
         )
-    if phases is None:
-        phases = tuple(library.names) if library is not None else crystal.STEEL_PHASES
-    if isinstance(phases, str):
-        phases = tuple(p.strip() for p in phases.split(",") if p.strip())
-    phases = tuple(crystal.get_phase(p).name for p in phases)  # validates names
     if not phases:
         raise ValueError("No phases given; expected e.g. 'ferrite,NbC,cementite'")
     if not 0 < resolution <= 10:

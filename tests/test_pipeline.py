@@ -120,12 +120,17 @@ def test_ml_uses_the_classifier_phase(small_map, library):
     "args, message",
     [
         (["--method", "svm"], "Unknown method 'svm'; expected one of 'tm', 'ml', 'hybrid'"),
-        (["--method", "hybrid"], "comes with the orientation regression models"),
+        (["--method", "hybrid"], "needs the trained orientation regression models"),
         (["--phases", "ferrite,austenite"], "Unknown phase 'austenite'"),
         (["--resolution", "0"], "Resolution 0.0 deg is out of range"),
     ],
 )
-def test_cli_bad_arguments(small_map, tmp_path, capsys, args, message):
+def test_cli_bad_arguments(small_map, tmp_path, capsys, monkeypatch, args, message):
+    from temlib import regress
+
+    monkeypatch.setattr(
+        regress, "has_regressors", lambda *a, **k: False
+    )  # hybrid: no trained regressors
     rc = cli.main(["index", str(small_map.folder), "--out", str(tmp_path / "r.h5"), *args])
     assert rc == 2
     assert message in capsys.readouterr().err
