@@ -962,7 +962,8 @@ def _augment_block():
 class SearchSpace:
     """The choices the architecture search may make (a CPU-sized vanilla ConvNet)."""
 
-    kernel_size: tuple = (3, 5)  # the first value of each is the first trial's
+    # the first value of each is the first trial's; kernel 3 only: AutoKeras pools (kernel - 1) wide
+    kernel_size: tuple = (3,)
     num_blocks: tuple = (3, 2)
     num_layers: tuple = (1, 2)
     filters: tuple = (32, 16, 64)

@@ -276,7 +276,7 @@ def test_tiny_search_runs_end_to_end(tiny, ci_data):
     assert p.shape == (3, 3) and p.dtype == np.float32
     np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-5)
     table = tiny.trials_table()
-    assert len(table) == 1 and "val_accuracy" in table and "conv_block_1/kernel_size" in table
+    assert len(table) == 1 and "val_accuracy" in table and "conv_block_1/num_blocks" in table
 
 
 def test_saved_model_predicts_the_same(tiny, ci_data, tmp_path):
