@@ -54,7 +54,7 @@ def _load_classifier(models):
         return classify.load_classifier(models)
     except FileNotFoundError as e:
         raise ValueError(
-            f"no classifier found ({e}); train one (notebook 02) or pass --models PATH"
+            f"no classifier found ({e}); train one (notebook 03) or pass --models PATH"
         ) from None
 
 
