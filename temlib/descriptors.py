@@ -285,13 +285,7 @@ def pattern_descriptors(
     from . import io
 
     settings = load_settings() if settings is None else settings
-    p = np.asarray(patterns)
-    if p.ndim != 3:
-        raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
-    if not calibration > 0:
-        raise ValueError(
-            f"Calibration {calibration!r} is not positive; expected 1/Å per px, e.g. 0.02"
-        )
+    p = io.check_stack(patterns, calibration)
     if np.issubdtype(p.dtype, np.floating) and not np.isfinite(p).all():
         raise ValueError("Patterns hold NaN or infinite values; expected finite intensities")
     if centers is None:

@@ -100,6 +100,30 @@ def check_finite(chunk: np.ndarray, where: str = "map") -> None:
         )
 
 
+def check_stack(patterns, calibration: float) -> np.ndarray:
+    """Validate a (N, ky, kx) pattern stack and its calibration (1/Å per px); return it as an array."""
+    p = np.asarray(patterns)
+    if p.ndim != 3:
+        raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
+    if not calibration > 0:
+        raise ValueError(
+            f"Calibration {calibration!r} is not positive; expected 1/Å per px, e.g. 0.02"
+        )
+    return p
+
+
+def check_output_path(out: str | Path) -> Path:
+    """Validate the path of an indexing result: a ``.h5`` file in an existing folder."""
+    out = Path(out)
+    if out.suffix.lower() != ".h5":
+        raise ValueError(
+            f"Output {out.name} must end in .h5 (an orix CrystalMap; the .ang is written beside it)"
+        )
+    if out.parent and not out.parent.exists():
+        raise FileNotFoundError(f"Output folder {out.parent} does not exist")
+    return out
+
+
 def _to_pyxem(s):
     import pyxem  # noqa: F401  (registers the signal classes)
 

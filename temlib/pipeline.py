@@ -191,13 +191,7 @@ def index_map(
     if chunk < 1:
         raise ValueError(f"chunk {chunk!r} must be a positive number of scan pixels")
     if out is not None:
-        out = Path(out)
-        if out.suffix.lower() != ".h5":
-            raise ValueError(
-                f"Output {out.name} must end in .h5 (an orix CrystalMap; the .ang is written beside it)"
-            )
-        if out.parent and not out.parent.exists():
-            raise FileNotFoundError(f"Output folder {out.parent} does not exist")
+        out = io.check_output_path(out)
     if isinstance(map_path_or_signal, str | Path):
         signal = io.load_map(map_path_or_signal, lazy=True, calibration=calibration, kv=kv)
         source = str(Path(map_path_or_signal).resolve())

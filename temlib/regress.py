@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 from orix.quaternion import Orientation, Rotation
 
-from . import crystal, descriptors, paths
+from . import crystal, descriptors, io, paths
 
 log = logging.getLogger(__name__)
 
@@ -386,13 +386,7 @@ def fast_descriptors(
         when not given; reuse them for the classifier).
     """
     settings = descriptors.load_settings() if settings is None else settings
-    p = np.asarray(patterns)
-    if p.ndim != 3:
-        raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
-    if not calibration > 0:
-        raise ValueError(
-            f"Calibration {calibration!r} is not positive; expected 1/Å per px, e.g. 0.02"
-        )
+    p = io.check_stack(patterns, calibration)
     if centers is None:
         centers = fast_direct_beam(p)
     centers = np.asarray(centers, float).reshape(len(p), 2)
@@ -2505,13 +2499,7 @@ def index_file(
     if method not in ("ml", "hybrid"):
         raise ValueError(f"Unknown method {method!r} for the regressors; expected 'ml' or 'hybrid'")
     if out is not None:
-        out = Path(out)
-        if out.suffix.lower() != ".h5":
-            raise ValueError(
-                f"Output {out.name} must end in .h5 (an orix CrystalMap; the .ang is written beside it)"
-            )
-        if out.parent and not out.parent.exists():
-            raise FileNotFoundError(f"Output folder {out.parent} does not exist")
+        out = io.check_output_path(out)
     if isinstance(map_path_or_signal, str | Path):
         signal = io.load_map(map_path_or_signal, lazy=True, calibration=calibration, kv=kv)
     else:
