@@ -782,7 +782,8 @@ class SearchSpace:
 
     ``conv_blocks = 0`` is a plain multilayer perceptron on the flattened descriptor;
     otherwise each block is a circularly padded convolution (+ batch norm, ReLU) and a
-    2x2 max pooling, then dense layers.
+    2x2 max pooling, pooled further to at most ``MAX_TRUNK_FEATURES`` features, then dense
+    layers; so every architecture of the default space stays below ``max_model_size``.
     """
 
     conv_blocks: tuple = (0, 1)
@@ -792,6 +793,9 @@ class SearchSpace:
     dense_units: tuple = (256, 512)
     dropout: tuple = (0.0, 0.1)
     learning_rate: tuple = (1e-3, 3e-3)
+
+
+MAX_TRUNK_FEATURES = 4096  # 4096 x 512 dense weights: the largest network stays below 3 M parameters
 
 
 @functools.cache
@@ -826,6 +830,10 @@ def _descriptor_block():
                     x = layers.Conv2D(filters * 2**b, k, padding="valid", use_bias=False)(x)
                     x = layers.BatchNormalization()(x)
                     x = layers.ReLU()(x)
+                    x = layers.MaxPooling2D(2)(x)
+                # every architecture in the space fits max_model_size: pool the trunk's output
+                # down to at most MAX_TRUNK_FEATURES before the dense layers
+                while int(np.prod(x.shape[1:])) > MAX_TRUNK_FEATURES and min(x.shape[1:3]) >= 2:
                     x = layers.MaxPooling2D(2)(x)
             x = layers.Flatten()(x)
             units = _hp_choice(hp, "dense_units", sp["dense_units"])

@@ -112,6 +112,33 @@ def test_fast_front_end_matches_descriptors_module():
     assert np.median(cos) > 0.99 and cos.min() > 0.97
 
 
+def test_every_architecture_of_the_space_fits_the_size_limit():
+    # the search must never draw a network AutoKeras refuses as oversized
+    import itertools
+
+    from keras_tuner import HyperParameters
+
+    keras = regress._keras()
+    sp = regress.SearchSpace()
+    block_cls = regress._descriptor_block()
+    sizes = []
+    for conv, filters, k, layers_, units in itertools.product(
+        sp.conv_blocks, sp.filters, sp.kernel, sp.dense_layers, sp.dense_units
+    ):
+        block = block_cls()
+        hp = HyperParameters()  # AutoKeras scopes a block's choices by the block's name
+        for name, v in dict(
+            conv_blocks=conv, filters=filters, kernel=k, dense_layers=layers_, dense_units=units
+        ).items():
+            hp.Fixed(f"{block.name}/{name}", v)
+        inp = keras.Input((40, 90))
+        out = keras.layers.Dense(6)(block.build(hp, inp))
+        sizes.append(keras.Model(inp, out).count_params())
+    print("sizes", sorted(set(sizes)))
+    assert len(set(sizes)) > 4  # the choices took effect
+    assert max(sizes) < 3_000_000
+
+
 @pytest.fixture(scope="module")
 def tiny_regressor(tmp_path_factory):
     st = descriptors.DescriptorSettings()
