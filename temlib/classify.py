@@ -83,8 +83,8 @@ class Preprocessing:
         Reciprocal radius at the edge of the input (1/Å); the working calibration is
         ``k_max / (size / 2)`` 1/Å per px. Everything beyond ``k_max`` is masked.
     oversample
-        The pattern is resampled at ``oversample`` times the resolution and block-averaged,
-        so spots are not aliased away.
+        Samples averaged per input pixel, so spots are not aliased away: per azimuth bin
+        (polar), or per side of each pixel (Cartesian: resampled finer and block-averaged).
     intensity
         ``"log"``: ``log1p(a x) / log1p(a)`` with ``a = log_scale``; ``"gamma"``: ``x ** gamma``
         (``x`` is the background-free pattern divided by its brightest spot).
@@ -247,22 +247,9 @@ def preprocess(
     centers = np.asarray(centers, dtype=float).reshape(n, 2)
     if shift is not None:
         centers = centers + np.asarray(shift, dtype=float).reshape(n, 2)
-    o = int(prep.oversample) if prep.geometry == "cartesian" else 1  # polar: 2 size px already
-    side = prep.cartesian_size
-    fine_size = side * o
-    fine_cal = prep.working_calibration / o
-    if scale is None:
-        fine = io.resample(p, centers, calibration, fine_cal, fine_size)
-    else:
-        scale = np.asarray(scale, dtype=float).reshape(n)
-        fine = np.empty((n, fine_size, fine_size), np.float32)
-        for i in range(n):
-            fine[i] = io.resample(
-                p[i : i + 1], centers[i : i + 1], calibration * scale[i], fine_cal, fine_size
-            )[0]
-    x = fine.reshape(n, side, o, side, o).mean(axis=(2, 4))
+    scale = np.ones(n) if scale is None else np.asarray(scale, dtype=float).reshape(n)
     if prep.geometry == "polar":
-        x = _to_polar(x, prep)  # rows are the rings about the beam
+        x = _to_polar(p, centers, calibration * scale, prep)  # rows are the rings about the beam
         r = (np.arange(prep.size) + 0.5) * prep.working_calibration
         mask = np.repeat(((r > prep.beam_radius) & (r <= prep.k_max))[:, None], prep.size, axis=1)
         if prep.background == "radial":
@@ -272,6 +259,13 @@ def preprocess(
                 x.reshape(n, 1, -1), axis=2, n_sigma=prep.noise_floor, where=mask.ravel()
             )
     else:
+        o, side = int(prep.oversample), prep.cartesian_size
+        fine_size, fine_cal = side * o, prep.working_calibration / o
+        fine = np.empty((n, fine_size, fine_size), np.float32)
+        for f in np.unique(scale):  # one resampling per calibration
+            sel = np.flatnonzero(scale == f)
+            fine[sel] = io.resample(p[sel], centers[sel], calibration * f, fine_cal, fine_size)
+        x = fine.reshape(n, side, o, side, o).mean(axis=(2, 4))
         mask, rings = _masks(side, prep.k_max, prep.beam_radius)
         flat = x.reshape(n, -1)
         groups = rings if prep.background == "radial" else [np.flatnonzero(mask.ravel() > 0)]
@@ -301,29 +295,60 @@ def _subtract_floor(
     x -= floor
 
 
-@functools.lru_cache(maxsize=8)
-def _polar_grid(size: int, oversample: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sampling points (row, col) in the (2 size)^2 Cartesian pattern for a (size, size) polar
-    image over 0-180 deg, ``oversample`` points per azimuth bin, both halves."""
-    o = max(int(oversample), 1)
-    r = np.arange(size) + 0.5  # px of the Cartesian pattern = |k| bins
-    t = (np.arange(2 * size * o) + 0.5) / (size * o) * np.pi  # 0..2 pi
-    rows = size + r[:, None] * np.sin(t)[None, :]
-    cols = size + r[:, None] * np.cos(t)[None, :]
-    return rows, cols
+def _to_polar(
+    p: np.ndarray, centers: np.ndarray, calibration: np.ndarray, prep: Preprocessing
+) -> np.ndarray:
+    """(N, ky, kx) raw patterns -> (N, size, size) |k| x azimuth (0-180 deg), in one step.
 
+    Bin ``i`` of |k| is sampled at ``(i + 0.5) k_max / size``; each azimuth bin at
+    ``oversample`` points, on both halves of the centrosymmetric pattern (averaged).
+    Bilinear, vectorised over the stack; samples off the frame read 0.
 
-def _to_polar(x: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """(N, 2 size, 2 size) centred patterns -> (N, size, size) |k| x azimuth (0-180 deg)."""
-    from scipy import ndimage
-
+    Parameters
+    ----------
+    p
+        Raw patterns (float32).
+    centers
+        (N, 2) direct beam (row, col) px.
+    calibration
+        (N,) 1/Å per px of each pattern (a calibration error drawn for augmentation included).
+    """
+    n, ky, kx = p.shape
     size, o = prep.size, max(int(prep.oversample), 1)
-    rows, cols = _polar_grid(size, o)
-    out = np.empty((len(x), size, size), np.float32)
-    for i in range(len(x)):
-        v = ndimage.map_coordinates(x[i], [rows, cols], order=1, mode="constant", cval=0.0)
-        out[i] = v.reshape(size, 2, size, o).mean(axis=(1, 3))  # |k|, half, azimuth, sub-bin
+    calibration = np.asarray(calibration, float).reshape(n)
+    centers = np.asarray(centers, np.float32).reshape(n, 2)
+    out = np.empty((n, size, size), np.float32)
+    for a in range(0, n, _POLAR_CHUNK):
+        b = slice(a, a + _POLAR_CHUNK)
+        out[b] = _to_polar_chunk(p[b], centers[b], calibration[b], prep)
     return out
+
+
+_POLAR_CHUNK = 8  # patterns sampled at once: their padded frames stay in cache (3x faster than 2000)
+
+
+def _to_polar_chunk(p, c, calibration, prep):
+    n, ky, kx = p.shape
+    size, o = prep.size, max(int(prep.oversample), 1)
+    k = (np.arange(size) + 0.5) * prep.working_calibration  # 1/Å
+    t = (np.arange(2 * size * o) + 0.5) / (size * o) * np.pi  # 0..2 pi
+    r_px = (k[None, :] / calibration[:, None]).astype(np.float32)
+    # 1 px zero border: samples off the frame are clipped onto it
+    wp = kx + 3
+    rows = np.clip(c[:, 0, None, None] + r_px[:, :, None] * np.sin(t)[None, None, :] + 1, 0, ky + 1)
+    cols = np.clip(c[:, 1, None, None] + r_px[:, :, None] * np.cos(t)[None, None, :] + 1, 0, kx + 1)
+    pad = np.zeros((n, ky + 3, wp), np.float32)
+    pad[:, 1 : ky + 1, 1 : kx + 1] = p
+    r0 = rows.astype(np.int32)
+    c0 = cols.astype(np.int32)
+    fr = (rows - r0).astype(np.float32)
+    fc = (cols - c0).astype(np.float32)
+    idx = r0 * wp + c0 + (np.arange(n, dtype=np.int32) * ((ky + 3) * wp))[:, None, None]
+    flat = pad.ravel()
+    top = np.take(flat, idx) * (1 - fc) + np.take(flat, idx + 1) * fc
+    bot = np.take(flat, idx + wp) * (1 - fc) + np.take(flat, idx + wp + 1) * fc
+    v = top * (1 - fr) + bot * fr
+    return v.reshape(n, size, 2, size, o).mean(axis=(2, 4), dtype=np.float32)
 
 
 def network_input(x: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -665,6 +690,58 @@ def split(data: Dataset, fraction: float = 0.2, rng=None) -> tuple[Dataset, Data
         if len(idx) > 1:
             val[rng.choice(idx, max(1, round(fraction * len(idx))), replace=False)] = True
     return data.subset(~val), data.subset(val)
+
+
+def emphasize_boundaries(data: Dataset, repeat: int = 3, below: float = 0.95) -> Dataset:
+    """Repeat the boundary patterns (two crystals in the probe) ``repeat`` times in all.
+
+    On a boundary the label is the crystal that makes most of the pattern; the minority
+    crystal's spots are there too, and with only their share of the training set the
+    network learns to name whichever phase has spots. Repeating them (each repeat gets its
+    own random turn in training) weights them like a sample weight would. Apply to the
+    training part only, after :func:`split`.
+
+    Parameters
+    ----------
+    data
+        Training set.
+    repeat
+        How many times each pattern with ``weight < below`` appears (1: unchanged).
+    below
+        Patterns whose labelled crystal makes less than this fraction count as boundary.
+    """
+    if not (isinstance(repeat, int | np.integer) and repeat >= 1):
+        raise ValueError(f"Boundary repeat {repeat!r} is invalid; expected an integer >= 1")
+    mixed = np.flatnonzero(data.weight < below)
+    index = np.concatenate([np.arange(len(data)), np.repeat(mixed, repeat - 1)])
+    return data.subset(np.sort(index, kind="stable"))
+
+
+def accuracy_by_weight(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    weight: np.ndarray,
+    edges: Sequence[float] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0001),
+):
+    """Accuracy per bin of the labelled crystal's share of the pattern (a pandas DataFrame).
+
+    ``weight`` 1 is the inside of a grain; below, the probe also sees a second crystal and
+    the label is the one that makes most of the pattern.
+    """
+    import pandas as pd
+
+    y_true, y_pred, weight = (np.asarray(a).ravel() for a in (y_true, y_pred, weight))
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (weight >= lo) & (weight < hi)
+        rows.append(
+            {
+                "share of the labelled crystal": f"{lo:.2f}-{min(hi, 1.0):.2f}",
+                "patterns": int(m.sum()),
+                "accuracy": float((y_true[m] == y_pred[m]).mean()) if m.any() else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows).set_index("share of the labelled crystal")
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:

@@ -247,47 +247,6 @@ def _keras():
 # --------------------------------------------------------------------------------------
 
 
-def fast_direct_beam(
-    patterns: np.ndarray, radius: float | None = None, window: int = 5
-) -> np.ndarray:
-    """Direct-beam centre (row, col) px of (N, ky, kx) patterns, vectorised.
-
-    The same recipe as :func:`temlib.io.find_direct_beam` (Gaussian blur of 3 px, maximum
-    within ``radius`` of the middle, centroid of the pixels above half height in a
-    ``2 window + 1`` box) without a per-pattern Python loop; the background level is the
-    median of a strided subsample of the pattern.
-    """
-    from scipy import ndimage
-
-    p = np.asarray(patterns, np.float32)
-    n, ky, kx = p.shape
-    radius = min(ky, kx) / 4 if radius is None else radius
-    r_lo, r_hi = max(int(ky / 2 - radius), 0), min(int(np.ceil(ky / 2 + radius)) + 1, ky)
-    c_lo, c_hi = max(int(kx / 2 - radius), 0), min(int(np.ceil(kx / 2 + radius)) + 1, kx)
-    m = 9  # margin so the blur inside the search box is exact
-    sub = p[:, max(r_lo - m, 0) : min(r_hi + m, ky), max(c_lo - m, 0) : min(c_hi + m, kx)]
-    sm = ndimage.gaussian_filter(sub, sigma=(0, 3, 3), truncate=3.0)
-    o_r, o_c = max(r_lo - m, 0), max(c_lo - m, 0)
-    rr, cc = np.mgrid[o_r : o_r + sub.shape[1], o_c : o_c + sub.shape[2]]
-    mask = (rr - ky / 2) ** 2 + (cc - kx / 2) ** 2 <= radius**2
-    flat = np.where(mask, sm, -np.inf).reshape(n, -1).argmax(axis=1)
-    r0, c0 = np.unravel_index(flat, sm.shape[1:])
-    r0, c0 = r0 + o_r, c0 + o_c
-    d = np.arange(-window, window + 1)
-    gr = np.clip(r0[:, None] + d[None], 0, ky - 1)
-    gc = np.clip(c0[:, None] + d[None], 0, kx - 1)
-    win = p[np.arange(n)[:, None, None], gr[:, :, None], gc[:, None, :]]  # (N, w, w)
-    lo = np.median(p[:, ::4, ::4].reshape(n, -1), axis=1)
-    thr = lo + 0.5 * (win.reshape(n, -1).max(axis=1) - lo)
-    wt = np.clip(win - thr[:, None, None], 0, None)
-    tot = wt.sum(axis=(1, 2))
-    ok = tot > 0
-    tot = np.where(ok, tot, 1)
-    row = np.where(ok, (wt.sum(axis=2) * gr).sum(axis=1) / tot, r0)
-    col = np.where(ok, (wt.sum(axis=1) * gc).sum(axis=1) / tot, c0)
-    return np.stack([row, col], axis=1)
-
-
 @functools.lru_cache(maxsize=16)
 def _polar_tables(calibration: float, settings: descriptors.DescriptorSettings, quant: int):
     """Bilinear offsets and weights of the polar grid, one table per sub-pixel centre offset.
@@ -382,13 +341,13 @@ def fast_descriptors(
     desc
         (N, n_r, n_theta) float32 descriptors.
     centers
-        (N, 2) direct-beam centres (row, col) px used (found with :func:`fast_direct_beam`
+        (N, 2) direct-beam centres (row, col) px used (found with :func:`temlib.io.find_direct_beam`
         when not given; reuse them for the classifier).
     """
     settings = descriptors.load_settings() if settings is None else settings
     p = io.check_stack(patterns, calibration)
     if centers is None:
-        centers = fast_direct_beam(p)
+        centers = io.find_direct_beam(p)
     centers = np.asarray(centers, float).reshape(len(p), 2)
     p = descriptors.prefilter(p, calibration, settings)
     polar = fast_polar_transform(p, calibration, centers, settings)
@@ -1745,7 +1704,7 @@ def index_patterns(
         raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
     n = len(p)
     if centers is None:
-        centers = fast_direct_beam(p)
+        centers = io.find_direct_beam(p)
     desc, centers = fast_descriptors(p, calibration, centers, models.settings)
     prob = np.full(n, np.nan)
     if phase_of is None and models.classifier is None and len(models.phases) == 1:

@@ -157,3 +157,20 @@ def test_real_mgo_map(shared_data):
     assert io.beam_energy(s) == 300.0
     centres = io.find_direct_beam(np.asarray(s.data[50, 50:53]))
     assert np.all(np.abs(centres - 72) < 3)
+
+
+def test_find_direct_beam_recovers_planted_centres(rng):
+    # broad saturated beam at known sub-pixel centres; a sharper, brighter Bragg spot
+    # outside the search radius must not win; leading dimensions are kept
+    rr, cc = np.mgrid[0:96, 0:96].astype(float)
+    truth = 48 + rng.uniform(-8, 8, size=(2, 3, 2))
+    pats = np.empty((2, 3, 96, 96), np.float32)
+    for i in range(2):
+        for j in range(3):
+            r, c = truth[i, j]
+            beam = 200 * np.exp(-((rr - r) ** 2 + (cc - c) ** 2) / (2 * 2.5**2))
+            spot = 400 * np.exp(-((rr - 10) ** 2 + (cc - 85) ** 2) / (2 * 1.0**2))
+            pats[i, j] = np.minimum(beam + spot + rng.normal(5, 1, (96, 96)), 255)
+    found = io.find_direct_beam(pats)
+    assert found.shape == (2, 3, 2)
+    np.testing.assert_allclose(found, truth, atol=0.1)

