@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 import temlib  # noqa: F401  (thread settings)
-from temlib import classify, crystal, io, match, regress, synth
+from temlib import classify, crystal, descriptors, io, match, regress, synth
 
 
 def _timed(f, repeats):
@@ -58,7 +58,9 @@ def main(argv=None) -> int:
     rows, quats = [], {}
     # front end alone (direct beam + descriptors)
     st = regress.load_regressors(None, names, args.profile)["ferrite"].settings
-    _, wall, cpu = _timed(lambda: regress.fast_descriptors(pats, cal, None, st), args.repeats)
+    _, wall, cpu = _timed(
+        lambda: descriptors.pattern_descriptors(pats, cal, io.find_direct_beam(pats), st), args.repeats
+    )
     rows.append(("front end (beam + descriptors)", "-", wall, cpu, np.nan, np.nan))
     for method in ("ml", "hybrid"):
         mod = regress.load_models(

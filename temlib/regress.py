@@ -38,10 +38,9 @@ Online indexing
     frame file) and calls back with the partial map (a live notebook display:
     :func:`live_display`).
 
-A fast front end (:func:`fast_descriptors`) computes the same descriptors as
-:func:`temlib.descriptors.pattern_descriptors` (checked in the tests) with a precomputed
-sparse polar operator and a vectorised direct-beam finder, so that the ML branch is not
-limited by the descriptor.
+The front end is the one of template matching (:func:`temlib.io.find_direct_beam`,
+:func:`temlib.descriptors.pattern_descriptors`); its direct-beam centres are shared with
+the classifier.
 
 Conventions as :mod:`temlib.match`: a rotation maps sample to crystal; the beam is the
 sample z axis; a template turned by ``phi`` about the beam is ``R_template Rz(-phi)``.
@@ -247,113 +246,6 @@ def _keras():
 # --------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
-def _polar_tables(calibration: float, settings: descriptors.DescriptorSettings, quant: int):
-    """Bilinear offsets and weights of the polar grid, one table per sub-pixel centre offset.
-
-    Returns
-    -------
-    dr, dc
-        (Q*Q, M) integer row / column offsets from the integer centre, M = n_r ov 2 n_theta 4.
-    w
-        (Q*Q, M) float32 weights (divided by ``oversample``, so summing the ov samples averages).
-    """
-    ov = max(int(settings.oversample), 1)
-    edges = np.linspace(settings.r_min, settings.r_max, settings.n_r * ov + 1)
-    r = 0.5 * (edges[1:] + edges[:-1]) / calibration
-    th = np.arange(2 * settings.n_theta) * np.pi / settings.n_theta
-    dy = (r[:, None] * np.sin(th)[None, :]).ravel()  # (n_r ov 2n_theta,) ordered (r, ov, theta)
-    dx = (r[:, None] * np.cos(th)[None, :]).ravel()
-    drs, dcs, ws = [], [], []
-    for a in range(quant):
-        for b in range(quant):
-            rows, cols = a / quant + dy, b / quant + dx
-            r0, c0 = np.floor(rows), np.floor(cols)
-            fr, fc = rows - r0, cols - c0
-            drs.append(np.stack([r0, r0 + 1, r0, r0 + 1], axis=-1).ravel())
-            dcs.append(np.stack([c0, c0, c0 + 1, c0 + 1], axis=-1).ravel())
-            w = np.stack([(1 - fr) * (1 - fc), fr * (1 - fc), (1 - fr) * fc, fr * fc], axis=-1)
-            ws.append((w / ov).ravel())
-    return (
-        np.asarray(drs, np.int32),
-        np.asarray(dcs, np.int32),
-        np.asarray(ws, np.float32),
-    )
-
-
-def fast_polar_transform(
-    patterns: np.ndarray,
-    calibration: float,
-    centers: np.ndarray,
-    settings: descriptors.DescriptorSettings,
-    quant: int = 8,
-) -> np.ndarray:
-    """:func:`temlib.descriptors.polar_transform` with precomputed bilinear tables.
-
-    The centre is split into an integer part and a sub-pixel part rounded to ``1 / quant``
-    px (at most ``0.5 / quant`` px off), so the bilinear offsets and weights are computed
-    once per calibration rather than once per pattern; samples off the frame read 0.
-
-    Returns
-    -------
-    (N, n_r, 2 n_theta) float32 over azimuth [0, 360).
-    """
-    p = np.asarray(patterns, np.float32)
-    n, ky, kx = p.shape
-    dr, dc, w = _polar_tables(float(calibration), settings, int(quant))
-    pad = int(max(np.abs(dr).max(), np.abs(dc).max())) + 1
-    c = np.asarray(centers, float).reshape(n, 2)
-    ci = np.floor(c).astype(np.int64)
-    frac = np.round((c - ci) * quant).astype(np.int64)
-    ci += frac // quant
-    frac %= quant
-    key = frac[:, 0] * quant + frac[:, 1]
-    pk = (ky + 2 * pad) * (kx + 2 * pad)
-    padded = np.zeros((n, ky + 2 * pad, kx + 2 * pad), np.float32)
-    padded[:, pad : pad + ky, pad : pad + kx] = p
-    flat = padded.reshape(-1)
-    kxp = kx + 2 * pad
-    out = np.empty((n, settings.n_r * 2 * settings.n_theta), np.float32)
-    ov = max(int(settings.oversample), 1)
-    for k in np.unique(key):
-        sel = np.flatnonzero(key == k)
-        rr = np.clip(ci[sel, 0:1] + pad + dr[k][None], 0, ky + 2 * pad - 1)
-        cc = np.clip(ci[sel, 1:2] + pad + dc[k][None], 0, kxp - 1)
-        vals = flat[sel[:, None] * pk + rr * kxp + cc] * w[k][None]
-        out[sel] = (
-            vals.reshape(len(sel), settings.n_r, ov, 2 * settings.n_theta, 4)
-            .sum(axis=(2, 4))
-            .reshape(len(sel), -1)
-        )
-    return out.reshape(n, settings.n_r, 2 * settings.n_theta)
-
-
-def fast_descriptors(
-    patterns: np.ndarray,
-    calibration: float,
-    centers: np.ndarray | None = None,
-    settings: descriptors.DescriptorSettings | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptors of (N, ky, kx) raw patterns as :func:`temlib.descriptors.pattern_descriptors`, faster.
-
-    Returns
-    -------
-    desc
-        (N, n_r, n_theta) float32 descriptors.
-    centers
-        (N, 2) direct-beam centres (row, col) px used (found with :func:`temlib.io.find_direct_beam`
-        when not given; reuse them for the classifier).
-    """
-    settings = descriptors.load_settings() if settings is None else settings
-    p = io.check_stack(patterns, calibration)
-    if centers is None:
-        centers = io.find_direct_beam(p)
-    centers = np.asarray(centers, float).reshape(len(p), 2)
-    p = descriptors.prefilter(p, calibration, settings)
-    polar = fast_polar_transform(p, calibration, centers, settings)
-    return descriptors.descriptors_from_polar(polar, settings), centers
-
-
 # --------------------------------------------------------------------------------------
 # Training data
 # --------------------------------------------------------------------------------------
@@ -535,7 +427,7 @@ def rendered_set(
     Each batch draws a new camera look (:func:`temlib.synth.random_camera`: PSF, noise,
     background, precession, calibration), a thickness and beam-centre offsets, renders the
     patterns (:func:`temlib.synth.simulate_patterns`) and computes their descriptors with
-    the same front end as real patterns (:func:`fast_descriptors`). This closes most of the
+    the same front end as real patterns (:func:`temlib.descriptors.pattern_descriptors`). This closes most of the
     gap between drawn templates and real descriptors; mixing it with :func:`synthetic_set`
     (another generator) keeps the regressor from learning one simulator's look.
 
@@ -558,7 +450,7 @@ def rendered_set(
         pats = synth.simulate_patterns(
             phase, Rotation(qb), cam, float(rng.uniform(*thickness_nm)), centers, rng
         )
-        out[a : a + len(qb)], _ = fast_descriptors(pats, cam.calibration, None, settings)
+        out[a : a + len(qb)] = descriptors.pattern_descriptors(pats, cam.calibration, None, settings)
     if n_shifts > 1:
         return shift_augment(out, q, n_shifts, rng)
     return out, q
@@ -634,7 +526,7 @@ def real_set(
         block = (
             data.vindex[rr, cc].compute() if hasattr(data, "vindex") else np.asarray(data)[rr, cc]
         )
-        d, _ = fast_descriptors(np.asarray(block), io.calibration_of(sig), None, settings)
+        d = descriptors.pattern_descriptors(np.asarray(block), io.calibration_of(sig), None, settings)
         descs.append(d)
         quats.append(q)
     return np.concatenate(descs), np.concatenate(quats)
@@ -1703,9 +1595,8 @@ def index_patterns(
     if p.ndim != 3:
         raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
     n = len(p)
-    if centers is None:
-        centers = io.find_direct_beam(p)
-    desc, centers = fast_descriptors(p, calibration, centers, models.settings)
+    centers = io.find_direct_beam(p) if centers is None else centers
+    desc = descriptors.pattern_descriptors(p, calibration, centers, models.settings)
     prob = np.full(n, np.nan)
     if phase_of is None and models.classifier is None and len(models.phases) == 1:
         phase_of = np.zeros(n, np.int64)

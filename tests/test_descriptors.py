@@ -161,3 +161,13 @@ def test_map_descriptors_shape():
     out = D.map_descriptors(s, ST, chunk=2, show_progressbar=False)
     assert out.shape == (3, 5, ST.n_r, ST.n_theta)
     np.testing.assert_allclose(out[0, 0], out[2, 4], atol=1e-4)
+
+
+def test_stack_descriptors_equal_one_by_one(rng):
+    # the polar sampling works on chunks of patterns: chunk edges must not show
+    pats = rng.poisson(20, size=(19, 64, 64)).astype(np.uint8)
+    centers = 32 + rng.uniform(-3, 3, size=(19, 2))
+    st = D.DescriptorSettings(r_min=0.1, r_max=0.6, n_r=12, n_theta=30)
+    stack = D.pattern_descriptors(pats, 0.02, centers, st)
+    one = np.stack([D.pattern_descriptor(p, 0.02, c, st) for p, c in zip(pats, centers)])
+    np.testing.assert_allclose(stack, one, atol=1e-6)

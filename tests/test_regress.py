@@ -97,19 +97,6 @@ def test_canonicalize_removes_inplane_turns(rng):
     assert e.max() < 0.5
 
 
-def test_fast_front_end_matches_descriptors_module():
-    m = synth.steel_maps("ci", show_progressbar=False)["test"]
-    sig = m.load()
-    cal = io.calibration_of(sig)
-    pats = np.asarray(sig.data.reshape(-1, *sig.data.shape[2:])[:40].compute())
-    ref_c = io.find_direct_beam(pats)
-    st = descriptors.DescriptorSettings()
-    ref = descriptors.pattern_descriptors(pats, cal, ref_c, st)
-    fast, _ = regress.fast_descriptors(pats, cal, ref_c, st)
-    cos = (ref * fast).sum(axis=(1, 2))
-    assert np.median(cos) > 0.99 and cos.min() > 0.97
-
-
 def test_every_architecture_of_the_space_fits_the_size_limit():
     # the search must never draw a network AutoKeras refuses as oversized
     import itertools
@@ -255,7 +242,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(NotADirectoryError, match="No chunk folder"):
         next(regress.iter_folder(tmp_path / "missing", 4))
     with pytest.raises(ValueError, match="not a stack"):
-        regress.fast_descriptors(np.zeros((8, 8)), 0.02)
+        regress.index_patterns(np.zeros((8, 8)), 0.02, None)
 
 
 def test_goals_table_reads_the_comparison():
