@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     # front end alone (direct beam + descriptors)
     st = regress.load_regressors(None, names, args.profile)["ferrite"].settings
     _, wall, cpu = _timed(
-        lambda: descriptors.pattern_descriptors(pats, cal, io.find_direct_beam(pats), st), args.repeats
+        lambda: descriptors.pattern_descriptors(pats, cal, io.find_direct_beam(pats), st),
+        args.repeats,
     )
     rows.append(("front end (beam + descriptors)", "-", wall, cpu, np.nan, np.nan))
     for method in ("ml", "hybrid"):

@@ -314,7 +314,7 @@ def _to_polar(
         (N,) 1/Å per px of each pattern (a calibration error drawn for augmentation included).
     """
     n, ky, kx = p.shape
-    size, o = prep.size, max(int(prep.oversample), 1)
+    size = prep.size
     calibration = np.asarray(calibration, float).reshape(n)
     centers = np.asarray(centers, np.float32).reshape(n, 2)
     out = np.empty((n, size, size), np.float32)
@@ -324,7 +324,9 @@ def _to_polar(
     return out
 
 
-_POLAR_CHUNK = 8  # patterns sampled at once: their padded frames stay in cache (3x faster than 2000)
+_POLAR_CHUNK = (
+    8  # patterns sampled at once: their padded frames stay in cache (3x faster than 2000)
+)
 
 
 def _to_polar_chunk(p, c, calibration, prep):

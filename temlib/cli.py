@@ -23,8 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "generate a synthetic steel scanned-diffraction map with its ground truth",
     ),
     "info": ("temlib.io", "describe a 4D map: shape, calibration, beam energy, phases if labelled"),
-    "index": ("temlib.pipeline", "index a 4D map (phase + orientation per pattern) -> orix .h5/.ang; resumable"),
-    "classify": ("temlib.classify", "phase of every pattern of a 4D map with the trained classifier (streamed)"),
+    "index": (
+        "temlib.pipeline",
+        "index a 4D map (phase + orientation per pattern) -> orix .h5/.ang; resumable",
+    ),
+    "classify": (
+        "temlib.classify",
+        "phase of every pattern of a 4D map with the trained classifier (streamed)",
+    ),
     "cavity": (
         "temlib.cavity",
         "physics-based synthetic BF-TEM cavity images with labels: cavity generate --n N --out DIR",

@@ -450,7 +450,9 @@ def rendered_set(
         pats = synth.simulate_patterns(
             phase, Rotation(qb), cam, float(rng.uniform(*thickness_nm)), centers, rng
         )
-        out[a : a + len(qb)] = descriptors.pattern_descriptors(pats, cam.calibration, None, settings)
+        out[a : a + len(qb)] = descriptors.pattern_descriptors(
+            pats, cam.calibration, None, settings
+        )
     if n_shifts > 1:
         return shift_augment(out, q, n_shifts, rng)
     return out, q
@@ -526,7 +528,9 @@ def real_set(
         block = (
             data.vindex[rr, cc].compute() if hasattr(data, "vindex") else np.asarray(data)[rr, cc]
         )
-        d = descriptors.pattern_descriptors(np.asarray(block), io.calibration_of(sig), None, settings)
+        d = descriptors.pattern_descriptors(
+            np.asarray(block), io.calibration_of(sig), None, settings
+        )
         descs.append(d)
         quats.append(q)
     return np.concatenate(descs), np.concatenate(quats)
@@ -646,7 +650,9 @@ class SearchSpace:
     learning_rate: tuple = (1e-3, 3e-3)
 
 
-MAX_TRUNK_FEATURES = 4096  # 4096 x 512 dense weights: the largest network stays below 3 M parameters
+MAX_TRUNK_FEATURES = (
+    4096  # 4096 x 512 dense weights: the largest network stays below 3 M parameters
+)
 
 
 @functools.cache

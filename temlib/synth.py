@@ -947,6 +947,31 @@ def steel_maps(params=None, show_progressbar: bool = True) -> dict[str, SynthMap
     return maps
 
 
+def second_test_map(
+    maps: dict[str, SynthMap], shape: tuple[int, int] = (150, 150), seed: int = 12345
+) -> SynthMap:
+    """Another test map beside a profile's three: new seed, camera and orientations.
+
+    More cementite colonies and particles and more NbC than the profile's maps (so the
+    minority phases have more grain pixels to score), orientations at least 10 deg from
+    every region of ``maps["train1"]`` and ``maps["train2"]``. Written next to them as
+    ``test_second/`` (regenerated each call; deterministic for a seed).
+    """
+    folder = maps["test"].folder.parent / "test_second"
+    return generate_map(
+        folder,
+        shape=tuple(shape),
+        n_grains=50,
+        colony_fraction=0.3,
+        cementite_particles=3.0,
+        nbc_particles=4.0,
+        avoid=region_orientations([maps["train1"], maps["train2"]]),
+        seed=seed,
+        overwrite=True,
+        show_progressbar=False,
+    )
+
+
 def summary(maps: dict[str, SynthMap]) -> list[dict]:
     """One row per map: shape, calibration, phase fractions, camera draw, generation speed."""
     rows = []

@@ -169,5 +169,7 @@ def test_stack_descriptors_equal_one_by_one(rng):
     centers = 32 + rng.uniform(-3, 3, size=(19, 2))
     st = D.DescriptorSettings(r_min=0.1, r_max=0.6, n_r=12, n_theta=30)
     stack = D.pattern_descriptors(pats, 0.02, centers, st)
-    one = np.stack([D.pattern_descriptor(p, 0.02, c, st) for p, c in zip(pats, centers)])
+    one = np.stack(
+        [D.pattern_descriptor(p, 0.02, c, st) for p, c in zip(pats, centers, strict=True)]
+    )
     np.testing.assert_allclose(stack, one, atol=1e-6)

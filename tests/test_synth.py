@@ -91,6 +91,25 @@ def test_test_map_orientations_are_new(tmp_path):
     assert test.spec["test_rule"]["min_misorientation_deg"] == 12.0
 
 
+def test_second_test_map_keeps_away_from_training(tmp_path):
+    maps = {
+        n: synth.generate_map(
+            tmp_path / n, shape=(10, 10), n_grains=4, seed=i, show_progressbar=False
+        )
+        for i, n in enumerate(("train1", "train2", "test"))
+    }
+    second = synth.second_test_map(maps, (12, 12), seed=5)
+    assert second.folder == tmp_path / "test_second"
+    assert second.truth_arrays()["phase_id"].shape == (12, 12)
+    avoid, got = (
+        synth.region_orientations([maps["train1"], maps["train2"]]),
+        synth.region_orientations([second]),
+    )
+    for phase, q in got.items():
+        if len(q) and len(avoid[phase]):
+            assert synth.min_disorientation(q, avoid[phase], phase).min() >= 10.0
+
+
 def test_min_disorientation_sees_symmetry_and_beam_flip():
     q = Rotation.from_axes_angles([0, 0, 1], np.deg2rad(3)).data
     ref = Rotation.from_axes_angles(
