@@ -183,42 +183,17 @@ def polar_transform(
     -------
     (N, n_r, 2 * n_theta) float32 over azimuth [0, 360) deg; samples off the frame are 0.
     """
+    from . import io
+
     p = np.asarray(patterns, dtype=np.float32)
-    c = np.asarray(centers, dtype=np.float32).reshape(len(p), 2)
-    out = np.empty((len(p), settings.n_r, 2 * settings.n_theta), np.float32)
-    for a in range(0, len(p), POLAR_CHUNK):
-        b = slice(a, a + POLAR_CHUNK)
-        out[b] = _polar_chunk(p[b], calibration, c[b], settings)
-    return out
-
-
-POLAR_CHUNK = 8  # patterns sampled at once (their frames stay in cache: 5x faster than 2,000)
-
-
-def _polar_chunk(p, calibration, c, settings):
-    n, ky, kx = p.shape
     ov = max(int(settings.oversample), 1)
     edges = np.linspace(settings.r_min, settings.r_max, settings.n_r * ov + 1)
     r = 0.5 * (edges[1:] + edges[:-1]) / calibration  # px
     th = np.arange(2 * settings.n_theta) * np.pi / settings.n_theta
-    dy = (r[:, None] * np.sin(th)[None, :]).astype(np.float32).ravel()
-    dx = (r[:, None] * np.cos(th)[None, :]).astype(np.float32).ravel()
-    # zero border of 1 px: samples off the frame are clipped onto it (bilinear, no masks)
-    pad = np.zeros((n, ky + 3, kx + 3), np.float32)
-    pad[:, 1 : ky + 1, 1 : kx + 1] = p
-    wp = kx + 3
-    rows = np.clip(c[:, 0:1] + dy[None] + 1, 0, ky + 1)
-    cols = np.clip(c[:, 1:2] + dx[None] + 1, 0, kx + 1)
-    r0 = rows.astype(np.int32)
-    c0 = cols.astype(np.int32)
-    fr = rows - r0
-    fc = cols - c0
-    idx = r0 * wp + c0 + (np.arange(n, dtype=np.int32) * ((ky + 3) * wp))[:, None]
-    flat = pad.ravel()
-    top = np.take(flat, idx) * (1 - fc) + np.take(flat, idx + 1) * fc
-    bot = np.take(flat, idx + wp) * (1 - fc) + np.take(flat, idx + wp + 1) * fc
-    out = top * (1 - fr) + bot * fr
-    return out.reshape(n, settings.n_r, ov, -1).mean(axis=2)
+    dy = (r[:, None] * np.sin(th)[None, :]).ravel()
+    dx = (r[:, None] * np.cos(th)[None, :]).ravel()
+    out = io.sample_about(p, centers, dy, dx)
+    return out.reshape(len(p), settings.n_r, ov, -1).mean(axis=2)
 
 
 def prefilter(patterns: np.ndarray, calibration: float, settings: DescriptorSettings) -> np.ndarray:

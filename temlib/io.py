@@ -337,6 +337,65 @@ def find_direct_beam(
     return np.stack([row, col], axis=1).reshape(*lead, 2)
 
 
+SAMPLE_CHUNK = (
+    8  # patterns sampled at once: their frames stay in cache (5x faster than 2,000 at once)
+)
+
+
+def sample_about(
+    patterns: np.ndarray,
+    centers: np.ndarray,
+    dy: np.ndarray,
+    dx: np.ndarray,
+    scale: np.ndarray | None = None,
+) -> np.ndarray:
+    """Bilinear samples of patterns at offsets from their centres (e.g. a polar grid).
+
+    Parameters
+    ----------
+    patterns
+        (N, ky, kx) patterns.
+    centers
+        (N, 2) centres (row, col) px, e.g. the direct beam.
+    dy, dx
+        (M,) row and column offsets shared by all patterns (px, or other units with ``scale``).
+    scale
+        (N,) factor per pattern on the offsets (e.g. px per 1/Å of each pattern); default 1.
+
+    Returns
+    -------
+    (N, M) float32; samples off the frame read 0. Vectorised over chunks of
+    ``SAMPLE_CHUNK`` patterns, whose frames stay in cache.
+    """
+    p = np.asarray(patterns, np.float32)
+    n, ky, kx = p.shape
+    c = np.asarray(centers, np.float32).reshape(n, 2)
+    dy = np.asarray(dy, np.float32).ravel()[None]
+    dx = np.asarray(dx, np.float32).ravel()[None]
+    s = np.ones(n, np.float32) if scale is None else np.asarray(scale, np.float32).reshape(n)
+    out = np.empty((n, dy.shape[1]), np.float32)
+    wp = kx + 3
+    pad = np.zeros(
+        (SAMPLE_CHUNK, ky + 3, wp), np.float32
+    )  # 1 px zero border: off-frame samples land on it
+    for a in range(0, n, SAMPLE_CHUNK):
+        b = slice(a, min(a + SAMPLE_CHUNK, n))
+        m = b.stop - a
+        pad[:m, 1 : ky + 1, 1 : kx + 1] = p[b]
+        rows = np.clip(c[b, 0:1] + s[b, None] * dy + 1, 0, ky + 1)
+        cols = np.clip(c[b, 1:2] + s[b, None] * dx + 1, 0, kx + 1)
+        r0 = rows.astype(np.int32)
+        c0 = cols.astype(np.int32)
+        fr = rows - r0
+        fc = cols - c0
+        idx = r0 * wp + c0 + (np.arange(m, dtype=np.int32) * ((ky + 3) * wp))[:, None]
+        flat = pad.ravel()
+        top = np.take(flat, idx) * (1 - fc) + np.take(flat, idx + 1) * fc
+        bot = np.take(flat, idx + wp) * (1 - fc) + np.take(flat, idx + wp + 1) * fc
+        out[b] = top * (1 - fr) + bot * fr
+    return out
+
+
 def resample(
     patterns: np.ndarray,
     centers: np.ndarray,
