@@ -319,6 +319,12 @@ def _to_polar(
     t = (np.arange(2 * size * o) + 0.5) / (size * o) * np.pi  # 0..2 pi
     dy = (k[:, None] * np.sin(t)[None, :]).ravel()  # 1/Å
     dx = (k[:, None] * np.cos(t)[None, :]).ravel()
+    # anti-aliasing: a Gaussian of half an input bin, so a sharp spot is not missed between samples
+    sigma = 0.5 * prep.working_calibration / float(np.median(calibration))
+    if sigma >= 0.3:
+        from scipy import ndimage
+
+        p = ndimage.gaussian_filter(p, sigma=(0, sigma, sigma), truncate=3.0)
     v = io.sample_about(p, centers, dy, dx, scale=1 / np.asarray(calibration, float))
     return v.reshape(n, size, 2, size, o).mean(axis=(2, 4), dtype=np.float32)
 
