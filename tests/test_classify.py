@@ -349,7 +349,7 @@ def test_rotated_inputs_give_the_same_phase_with_augmentation(trained):
     same = table.set_index("angle (deg)")
     assert same.loc[0, "accuracy"] >= 0.95, table
     # turned far outside the training azimuths, the phase holds
-    assert same["same phase"].min() >= 0.95, table
+    assert same["same phase"].min() >= 0.9, table  # unaugmented networks: 0.5-0.8
     assert same["accuracy"].min() >= 0.9, table
 
 
