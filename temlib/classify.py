@@ -261,10 +261,7 @@ def preprocess(
     else:
         o, side = int(prep.oversample), prep.cartesian_size
         fine_size, fine_cal = side * o, prep.working_calibration / o
-        fine = np.empty((n, fine_size, fine_size), np.float32)
-        for f in np.unique(scale):  # one resampling per calibration
-            sel = np.flatnonzero(scale == f)
-            fine[sel] = io.resample(p[sel], centers[sel], calibration * f, fine_cal, fine_size)
+        fine = io.resample(p, centers, calibration * scale, fine_cal, fine_size)
         x = fine.reshape(n, side, o, side, o).mean(axis=(2, 4))
         mask, rings = _masks(side, prep.k_max, prep.beam_radius)
         flat = x.reshape(n, -1)

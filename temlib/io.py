@@ -399,12 +399,11 @@ def sample_about(
 def resample(
     patterns: np.ndarray,
     centers: np.ndarray,
-    calibration: float,
+    calibration,
     working_calibration: float,
     size: int = 144,
-    order: int = 1,
 ) -> np.ndarray:
-    """Resample patterns to a working calibration, centred on their direct beam.
+    """Resample patterns to a working calibration, centred on their direct beam (bilinear).
 
     Parameters
     ----------
@@ -413,30 +412,23 @@ def resample(
     centers
         (N, 2) direct-beam centres (row, col) in px (:func:`find_direct_beam`).
     calibration
-        Calibration of ``patterns`` (1/Å per px).
+        Calibration of the input (1/Å per px): one number, or (N,) one per pattern.
     working_calibration
         Calibration of the output (1/Å per px).
     size
         Output side (px); the direct beam lands on (size / 2, size / 2).
-    order
-        Spline order of the interpolation (1: bilinear).
 
     Returns
     -------
-    (N, size, size) float32 patterns.
+    (N, size, size) float32 patterns; zero where the output reaches beyond the frame.
     """
-    from scipy import ndimage
-
     p = np.asarray(patterns, dtype=np.float32)
-    centers = np.asarray(centers, dtype=float).reshape(-1, 2)
-    f = working_calibration / calibration
-    grid = (np.arange(size) - size / 2) * f
-    out = np.empty((len(p), size, size), np.float32)
-    for i in range(len(p)):
-        rr = centers[i, 0] + grid[:, None] + 0 * grid[None, :]
-        cc = centers[i, 1] + 0 * grid[:, None] + grid[None, :]
-        out[i] = ndimage.map_coordinates(p[i], [rr, cc], order=order, mode="constant", cval=0.0)
-    return out
+    n = len(p)
+    g = (np.arange(size) - size / 2) * working_calibration  # 1/Å
+    dy = np.repeat(g, size)
+    dx = np.tile(g, size)
+    scale = 1 / np.broadcast_to(np.asarray(calibration, float), (n,))
+    return sample_about(p, centers, dy, dx, scale=scale).reshape(n, size, size)
 
 
 # --------------------------------------------------------------------------------------
