@@ -253,11 +253,9 @@ def preprocess(
         r = (np.arange(prep.size) + 0.5) * prep.working_calibration
         mask = np.repeat(((r > prep.beam_radius) & (r <= prep.k_max))[:, None], prep.size, axis=1)
         if prep.background == "radial":
-            _subtract_floor(x, axis=2, n_sigma=prep.noise_floor)
+            _subtract_floor(x, n_sigma=prep.noise_floor)
         else:
-            _subtract_floor(
-                x.reshape(n, 1, -1), axis=2, n_sigma=prep.noise_floor, where=mask.ravel()
-            )
+            _subtract_floor(x.reshape(n, 1, -1), n_sigma=prep.noise_floor, where=mask.ravel())
     else:
         o, side = int(prep.oversample), prep.cartesian_size
         fine_size, fine_cal = side * o, prep.working_calibration / o
@@ -268,7 +266,7 @@ def preprocess(
         groups = rings if prep.background == "radial" else [np.flatnonzero(mask.ravel() > 0)]
         for idx in groups:
             v = flat[:, idx][:, None, :]
-            _subtract_floor(v, axis=2, n_sigma=prep.noise_floor)
+            _subtract_floor(v, n_sigma=prep.noise_floor)
             flat[:, idx] = v[:, 0]
     np.clip(x, 0, None, out=x)
     x *= mask
@@ -281,14 +279,12 @@ def preprocess(
     return x.astype(np.float32, copy=False)
 
 
-def _subtract_floor(
-    x: np.ndarray, axis: int, n_sigma: float, where: np.ndarray | None = None
-) -> None:
-    """In place: subtract median + n_sigma robust standard deviations along ``axis``
+def _subtract_floor(x: np.ndarray, n_sigma: float, where: np.ndarray | None = None) -> None:
+    """In place: subtract median + n_sigma robust standard deviations along the last axis
     (the diffuse background, offset and noise of each ring)."""
     v = x if where is None else x[..., where]
-    med = np.median(v, axis=axis, keepdims=True)
-    floor = med + n_sigma * 1.4826 * np.median(np.abs(v - med), axis=axis, keepdims=True)
+    med = io.median_last(v)
+    floor = med + n_sigma * 1.4826 * io.median_last(np.abs(v - med))
     x -= floor
 
 

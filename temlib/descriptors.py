@@ -208,7 +208,9 @@ def prefilter(patterns: np.ndarray, calibration: float, settings: DescriptorSett
 
 
 def _remove_background(polar: np.ndarray, settings: DescriptorSettings) -> np.ndarray:
-    med = np.median(polar, axis=-1, keepdims=True)
+    from .io import median_last
+
+    med = median_last(polar)
     if settings.background == "median":
         polar = polar - med
     elif settings.background == "opening":
@@ -217,9 +219,7 @@ def _remove_background(polar: np.ndarray, settings: DescriptorSettings) -> np.nd
         width = max(3, int(round(settings.opening_deg / (180.0 / settings.n_theta))) | 1)
         polar = polar - ndimage.grey_opening(polar, size=(1, 1, width), mode="wrap")
     if settings.noise_k > 0:  # robust noise per radius: 1.4826 x median absolute deviation
-        mad = np.median(
-            np.abs(polar - np.median(polar, axis=-1, keepdims=True)), axis=-1, keepdims=True
-        )
+        mad = median_last(np.abs(polar - median_last(polar)))
         polar = polar - np.float32(settings.noise_k * 1.4826) * mad
     return np.clip(polar, 0, None)
 
@@ -240,7 +240,7 @@ def _finish(
 def descriptors_from_polar(polar: np.ndarray, settings: DescriptorSettings) -> np.ndarray:
     """Background removal, intensity transform, folding and normalisation of (N, n_r, 2 n_theta) polar images."""
     x = _remove_background(np.asarray(polar, np.float32), settings)
-    x = x**settings.gamma
+    x = np.sqrt(x) if settings.gamma == 0.5 else x**settings.gamma
     x = x[..., : settings.n_theta] + x[..., settings.n_theta :]
     return _finish(x, settings.zero_mean, settings)
 

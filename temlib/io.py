@@ -326,7 +326,7 @@ def find_direct_beam(
     gr = np.clip(r0[:, None] + d[None], 0, ky - 1)
     gc = np.clip(c0[:, None] + d[None], 0, kx - 1)
     win = p[np.arange(n)[:, None, None], gr[:, :, None], gc[:, None, :]]  # (N, w, w)
-    lo = np.median(p[:, ::4, ::4].reshape(n, -1), axis=1)
+    lo = median_last(p[:, ::4, ::4].reshape(n, -1))[:, 0]
     thr = lo + 0.5 * (win.reshape(n, -1).max(axis=1) - lo)
     wt = np.clip(win - thr[:, None, None], 0, None)
     tot = wt.sum(axis=(1, 2))
@@ -340,6 +340,18 @@ def find_direct_beam(
 SAMPLE_CHUNK = (
     8  # patterns sampled at once: their frames stay in cache (5x faster than 2,000 at once)
 )
+
+
+def median_last(x: np.ndarray) -> np.ndarray:
+    """Median along the last axis (keepdims): ``np.median``'s numbers by one partition, ~5x faster."""
+    x = np.asarray(x)
+    m = x.shape[-1]
+    h = m // 2
+    part = np.partition(x, h, axis=-1)
+    if m % 2:
+        return part[..., h : h + 1]
+    # the lower middle value is the largest of the lower part (two kth in one partition is slow)
+    return (part[..., :h].max(axis=-1, keepdims=True) + part[..., h : h + 1]) / 2
 
 
 def sample_about(

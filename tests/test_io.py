@@ -174,3 +174,10 @@ def test_find_direct_beam_recovers_planted_centres(rng):
     found = io.find_direct_beam(pats)
     assert found.shape == (2, 3, 2)
     np.testing.assert_allclose(found, truth, atol=0.1)
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 180, 181])
+def test_median_last_is_numpys_median(rng, m):
+    x = rng.random((6, 5, m)).astype(np.float32)
+    x[0, 0] = 3.0  # ties
+    np.testing.assert_array_equal(io.median_last(x), np.median(x, axis=-1, keepdims=True))
