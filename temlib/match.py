@@ -49,6 +49,7 @@ by ``phi`` about the beam (counter-clockwise in the (x, y) = (col, row) frame of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -206,6 +207,36 @@ class PhaseTemplates:
     def spectra_krt(self) -> np.ndarray:
         """(K, R, T) layout of :attr:`spectra` (for the exhaustive search)."""
         return np.ascontiguousarray(self.spectra.transpose(1, 2, 0))
+
+    @functools.cached_property
+    def directions(self) -> np.ndarray:
+        """(S, T, 3) float32: every symmetry-equivalent beam direction ``R z`` of every template."""
+        beam = Rotation(self.quaternions).to_matrix()[:, :, 2]  # (T, 3), crystal frame
+        sym = Rotation(self.symmetry).to_matrix()  # (S, 3, 3)
+        return np.einsum("sij,tj->sti", sym, beam).astype(np.float32)
+
+    def nearest(self, q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` templates whose beam directions lie nearest to those of orientations ``q``.
+
+        Distances are taken under the crystal symmetry and the Friedel pair (either sign).
+        Returns an (N, T) bool mask and (N,) the angle (deg) of the farthest one kept.
+        """
+        s, t, _ = self.directions.shape
+        u = Rotation(np.asarray(q, float).reshape(-1, 4)).to_matrix()[:, :, 2].astype(np.float32)
+        out = np.zeros((len(u), t), bool)
+        radius = np.full(len(u), 180.0)
+        dirs = self.directions.reshape(-1, 3).T
+        for a in range(0, len(u), 1024):
+            cos = np.abs(u[a : a + 1024] @ dirs).reshape(-1, s, t).max(axis=1)
+            if n >= t:
+                out[a : a + 1024] = True
+                far = cos.min(axis=1)
+            else:
+                top = np.argpartition(-cos, n - 1, axis=1)[:, :n]
+                np.put_along_axis(out[a : a + 1024], top, True, axis=1)
+                far = np.take_along_axis(cos, top, axis=1).min(axis=1)
+            radius[a : a + 1024] = np.degrees(np.arccos(np.clip(far, -1, 1)))
+        return out, radius
 
 
 @dataclasses.dataclass
@@ -537,13 +568,22 @@ def _stack_coarse(spec: np.ndarray, k1: int, pool: int = 1) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([top, bottom], axis=1)).astype(np.float32)
 
 
-def _phase_candidates(ef: np.ndarray, pt: PhaseTemplates, n_theta: int, k: int, n_keep: int | None):
+def _phase_candidates(
+    ef: np.ndarray,
+    pt: PhaseTemplates,
+    n_theta: int,
+    k: int,
+    n_keep: int | None,
+    allowed: np.ndarray | None = None,
+):
     """Correlate a batch with one phase; return the top-k templates and per-phase statistics.
 
     Two stages: a coarse screen with the ``coarse_freq`` lowest azimuthal frequencies
     for every template (one batched GEMM + a short inverse FFT), then the exact
     correlation with every frequency for the ``n_keep`` best templates of each pattern.
-    ``n_keep=None`` correlates every template exactly (exhaustive search).
+    ``n_keep=None`` correlates every template exactly (exhaustive search). ``allowed``
+    (n, T) bool restricts each pattern to some templates (their mirror images included);
+    the others score -1.
     """
     from scipy import fft
 
@@ -577,11 +617,16 @@ def _phase_candidates(ef: np.ndarray, pt: PhaseTemplates, n_theta: int, k: int, 
         coarse = (
             (_coarse_idft(k1) @ x).reshape(2 * k1, n, t2).max(axis=0)
         )  # correlation at 2 k1 angles
-        keep = np.argpartition(-coarse, n_keep - 1, axis=1)[:, :n_keep]
+        keep = None
     mean = coarse.mean(axis=1)
     std = coarse.std(axis=1)
     z = (coarse.max(axis=1) - mean) / np.where(std > 0, std, 1)
     z = np.stack([z, mean, base], axis=1)
+    if allowed is not None:
+        allowed = np.concatenate([allowed, allowed])  # patterns, then mirrored patterns
+        coarse = np.where(allowed, coarse, -np.inf)
+    if keep is None:
+        keep = np.argpartition(-coarse, n_keep - 1, axis=1)[:, :n_keep]
     # exact correlation of the kept templates
     e = ef.transpose(1, 0, 2)  # (n, K, R)
     kk = pt.spectra.shape[1]
@@ -593,6 +638,8 @@ def _phase_candidates(ef: np.ndarray, pt: PhaseTemplates, n_theta: int, k: int, 
         cm = np.einsum("skr,smkr->smk", e[i : i + step, :kk], sel, optimize=False)
         corr = fft.irfft(cm, n=n_theta, axis=-1)
         out_v[i : i + step], out_a[i : i + step] = _refine(corr, n_theta)
+    if allowed is not None:
+        out_v = np.where(np.take_along_axis(allowed, keep, axis=1), out_v, -1.0)
     k = min(k, keep.shape[1])
     order = np.argsort(-out_v, axis=1)[:, :k]
     return (
@@ -635,6 +682,7 @@ def match_descriptors(
     n_keep: int | None = 40,
     batch: int = 64,
     phase_of=None,
+    near: tuple[np.ndarray, int] | None = None,
     show_progressbar: bool = False,
 ) -> MatchResult:
     """Index pattern descriptors against a :class:`Library`.
@@ -671,6 +719,10 @@ def match_descriptors(
     phase_of
         Optional (N,) phase index per pattern (into ``library.phases``) chosen elsewhere
         (a classifier); only that phase is matched. ``phase_reliability`` is then NaN.
+    near
+        ``(seeds, n)``: search only the ``n`` templates (and their mirror images) whose
+        beam directions lie nearest to those of the (N, 4) seed orientations, e.g. a
+        regressor's predictions (:func:`temlib.regress.hybrid_refine`).
     show_progressbar
         tqdm bar over batches.
     """
@@ -722,7 +774,12 @@ def match_descriptors(
                 cands.append(None)
                 continue
             m = rows.size
-            top, val, ang, z = _phase_candidates(ef[:, rows], pt, st.n_theta, n_cand, n_keep)
+            allowed = (
+                None if near is None else pt.nearest(np.asarray(near[0])[a + rows], near[1])[0]
+            )
+            top, val, ang, z = _phase_candidates(
+                ef[:, rows], pt, st.n_theta, n_cand, n_keep, allowed
+            )
             # mirrored descriptor matched template t at angle a <=> mirrored template t (index
             # t + T, orientation R_t * C2y) at angle -a matches the pattern itself
             top = np.concatenate([top[:m], top[m:] + pt.size], axis=1)

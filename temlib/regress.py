@@ -30,9 +30,10 @@ Online indexing
     :func:`index_patterns` runs the per-pattern pipeline: phase from the classifier
     (:mod:`temlib.classify`) or given, then the phase's branch: ``"ml"`` (the regressor),
     ``"tm"`` (full template matching, :mod:`temlib.match`) or ``"hybrid"``
-    (:func:`hybrid_refine`: the regressor's beam direction picks the few templates near it,
-    FFT correlation finds the in-plane angle and the best of them, and patterns whose
-    local match is unreliable fall back to the full search). :func:`index_map` indexes a
+    (:func:`hybrid_refine`: template matching restricted to the templates whose beam
+    directions lie near the regressor's, a neighbourhood sized per phase by
+    :func:`calibrate_neighbourhood`; patterns whose local match is unreliable fall back to
+    the full search). :func:`index_map` indexes a
     map read by :mod:`temlib.io` into an orix ``CrystalMap``; :func:`index_stream` indexes
     patterns as they arrive (a Python iterator, a folder of chunk files, a growing raw
     frame file) and calls back with the partial map (a live notebook display:
@@ -928,37 +929,26 @@ def search(
 
 @dataclasses.dataclass
 class LocalTemplates:
-    """One phase's templates arranged for local searches around a seed orientation.
+    """One phase's templates for local searches around seed orientations.
 
     Attributes
     ----------
     templates
-        The phase's :class:`temlib.match.PhaseTemplates` (quaternions, conjugate spectra).
-    spectra
-        (2T, K, R) complex64 conjugate spectra template-major (gathered per pattern): the
-        templates, then their mirror images (orientations ``R_t C2y``, :attr:`quaternions`).
-    directions
-        (S, T, 3) every symmetry-equivalent beam direction of every template (crystal frame);
-        a mirror image has the opposite beam direction (the same up to the Friedel pair).
+        The phase's :class:`temlib.match.PhaseTemplates` (quaternions, spectra, beam directions).
+    library
+        A :class:`temlib.match.Library` of that phase alone (the search runs on it).
     resolution
         Template sampling step (deg).
     """
 
     templates: object
-    spectra: np.ndarray
-    directions: np.ndarray
+    library: object
     resolution: float
 
-    def spectra_fru(self, index: np.ndarray) -> np.ndarray:
-        """(K, R, U) spectra of the templates ``index`` laid out for a dense product."""
-        return np.ascontiguousarray(self.spectra[index].transpose(1, 2, 0))
-
     @property
-    def quaternions(self) -> np.ndarray:
-        """(2T, 4) orientations of the templates and of their mirror images ``R_t C2y``."""
-        c2y = np.array([0.0, 0.0, 1.0, 0.0])
-        q = self.templates.quaternions
-        return np.concatenate([q, qmul(q, c2y)])
+    def size(self) -> int:
+        """Number of templates (beam directions) of the phase."""
+        return self.templates.size
 
     @classmethod
     def from_library(cls, library, phase: str) -> LocalTemplates:
@@ -967,22 +957,8 @@ class LocalTemplates:
             raise ValueError(
                 f"Phase {phase!r} is not in the library; expected one of {library.names}"
             )
-        pt = library.phases[library.names.index(phase)]
-        t_dirs = beam_directions(pt.quaternions)  # (T, 3)
-        sym = quaternions_to_matrices(pt.symmetry)  # (S, 3, 3)
-        dirs = np.einsum("sij,tj->sti", sym, t_dirs).astype(np.float32)
-        spec = pt.spectra
-        # (T, K, R) template-major; older libraries held (K, R, T)
-        spec = spec if spec.shape[0] == pt.size else spec.transpose(2, 0, 1)
-        # the mirror image (y -> -y) of template t is the pattern of R_t C2y, and mirroring a
-        # descriptor conjugates its azimuthal spectrum (as temlib.match): templates T..2T-1
-        spectra = np.ascontiguousarray(np.concatenate([spec, np.conj(spec)]))
-        return cls(pt, spectra, dirs, float(library.params.get("resolution", 1.0)))
-
-
-def beam_directions(q: np.ndarray) -> np.ndarray:
-    """(N, 3) beam direction (sample z) in the crystal frame of (N, 4) orientations: ``R z``."""
-    return quaternions_to_matrices(q)[:, :, 2]
+        lib1 = library.restrict([phase])
+        return cls(lib1.phases[0], lib1, float(library.params.get("resolution", 1.0)))
 
 
 @dataclasses.dataclass
@@ -1010,58 +986,6 @@ class HybridResult:
     seed_distance: np.ndarray
 
 
-def _local_correlation(
-    desc, seeds, local: LocalTemplates, n_candidates: int, batch: int, max_union: int = 1024
-):
-    """Correlate each pattern with the templates (and mirror images) nearest to its seed.
-
-    Returns (N, 2k) template indices into ``local.quaternions``, correlations, in-plane
-    angles (deg) and beam-direction distances to the seed (deg).
-    """
-    from scipy import fft
-
-    n_theta = desc.shape[-1]
-    s, t, _ = local.directions.shape
-    dirs = local.directions.reshape(-1, 3)
-    n = len(desc)
-    k = min(n_candidates, t)
-    out = [np.empty((n, 2 * k), dt) for dt in (np.int64, float, float, float)]
-    u = beam_directions(seeds).astype(np.float32)
-    nf = local.spectra.shape[1]
-    for a in range(0, n, batch):
-        ub = u[a : a + batch]
-        cos = np.abs(ub @ dirs.T).reshape(len(ub), s, t).max(axis=1)  # (B, T)
-        if k < t:
-            top = np.argpartition(-cos, k - 1, axis=1)[:, :k]
-        else:
-            top = np.tile(np.arange(t), (len(ub), 1))
-        d_top = np.degrees(np.arccos(np.clip(np.take_along_axis(cos, top, 1), -1, 1)))
-        top = np.concatenate([top, top + t], axis=1)  # each direction's template and its mirror
-        ef = fft.rfft(desc[a : a + batch], axis=-1)[:, :, :nf].astype(np.complex64)  # (B, R, F)
-        uniq, inv = np.unique(top, return_inverse=True)
-        inv = inv.reshape(top.shape)
-        if len(uniq) <= max_union:
-            # neighbouring scan pixels share most candidates: one dense product with their union
-            dense = np.matmul(ef.transpose(2, 0, 1), local.spectra_fru(uniq))  # (F, B, U)
-            spec = dense.transpose(1, 2, 0)[np.arange(len(ub))[:, None], inv]  # (B, 2k, F)
-        else:
-            g = local.spectra[top]  # (B, 2k, F, R)
-            spec = np.einsum("brf,bkfr->bkf", ef, g)
-        c = fft.irfft(spec, n=n_theta, axis=-1)  # (B, 2k, n_theta)
-        i0 = c.argmax(axis=-1)
-        y1 = np.take_along_axis(c, i0[..., None], -1)[..., 0]
-        y0 = np.take_along_axis(c, ((i0 - 1) % n_theta)[..., None], -1)[..., 0]
-        y2 = np.take_along_axis(c, ((i0 + 1) % n_theta)[..., None], -1)[..., 0]
-        den = y0 - 2 * y1 + y2
-        safe = np.where(den < 0, den, -1)
-        delta = np.clip(np.where(den < 0, 0.5 * (y0 - y2) / safe, 0.0), -0.5, 0.5)
-        out[0][a : a + batch] = top
-        out[1][a : a + batch] = y1 - 0.25 * (y0 - y2) * delta
-        out[2][a : a + batch] = np.mod((i0 + delta) * (180.0 / n_theta), 180.0)
-        out[3][a : a + batch] = np.concatenate([d_top, d_top], axis=1)
-    return tuple(out)
-
-
 def hybrid_refine(
     desc: np.ndarray,
     seeds: np.ndarray,
@@ -1070,19 +994,20 @@ def hybrid_refine(
     n_candidates: int = 32,
     min_correlation: float = 0.0,
     rim_fraction: float = 1.0,
-    min_angle: float = 5.0,
     batch: int = 64,
 ) -> HybridResult:
     """Refine seed orientations by template matching over the templates near each seed.
 
-    For each pattern the ``n_candidates`` templates whose beam directions are nearest to the
-    seed's (under the crystal symmetry and the Friedel pair) are correlated at every in-plane
-    angle (FFT along azimuth, parabolic sub-step refinement), and the best one wins: the
-    seed needs to be right only to within the neighbourhood (a few degrees), the answer has
-    template-matching accuracy. A pattern falls back to the full search over the phase's
-    library when its best local correlation is below ``min_correlation`` or its best
-    template lies on the rim of the neighbourhood (farther from the seed than
-    ``rim_fraction`` of the farthest candidate: the optimum may lie outside).
+    For each pattern only the ``n_candidates`` templates whose beam directions are nearest
+    to the seed's (under the crystal symmetry and the Friedel pair), and their mirror
+    images, take part in the template matching of :func:`temlib.match.match_descriptors`
+    (coarse screen, exact correlation of the best at every in-plane angle by FFT, sub-step
+    refinement): the seed needs to be right only to within the neighbourhood, the answer
+    has template-matching accuracy, and solutions far from the seed (the other half of an
+    ambiguous pattern) are not considered. A pattern falls back to the full search over
+    the phase's library when its best local correlation is below ``min_correlation`` or
+    its best template lies on the rim of the neighbourhood (farther from the seed than
+    ``rim_fraction`` of the neighbourhood's radius: the optimum may lie outside).
 
     Parameters
     ----------
@@ -1098,10 +1023,9 @@ def hybrid_refine(
         Beam directions per pattern (about ``pi r^2 / resolution^2`` for a neighbourhood of
         radius r); each brings its template and the template's mirror image.
     min_correlation, rim_fraction
-        Fallback rules (``rim_fraction >= 1``, the default, disables the rim rule: on the
-        synthetic test maps the full search was less accurate than the local one).
-    min_angle
-        Q2 of the reliability is the best candidate at least this far (deg) from the best.
+        Fallback rules (``rim_fraction >= 1``, the default, disables the rim rule).
+    batch
+        Patterns matched at once.
     """
     from . import match
 
@@ -1117,26 +1041,30 @@ def hybrid_refine(
     if n == 0:
         z = np.zeros(0)
         return HybridResult(np.zeros((0, 4)), z, z, np.zeros(0, bool), z)
-    top, val, ang, dist = _local_correlation(desc, seeds, local, n_candidates, batch)
-    order = np.argsort(-val, axis=1)
-    top, val, ang, dist = (np.take_along_axis(x, order, 1) for x in (top, val, ang, dist))
     pt = local.templates
-    q = qmul(local.quaternions[top], rz(-ang))  # (N, 2k, 4)
-    mis = match.misorientation_deg(q[:, :1], q, pt.symmetry, modulo_flip=True)
-    q2 = np.where(mis >= min_angle, val, -np.inf).max(axis=1)
-    q2 = np.where(np.isfinite(q2), q2, val[:, -1])
-    rel = 100 * (1 - np.clip(q2, 0, None) / np.where(val[:, 0] > 0, val[:, 0], np.inf))
-    fb = (val[:, 0] < min_correlation) | (dist[:, 0] > rim_fraction * dist.max(axis=1))
-    quats, corr = q[:, 0].copy(), val[:, 0].copy()
+    r = match.match_descriptors(
+        desc,
+        local.library,
+        n_best=1,
+        normalization="none",
+        near=(seeds, n_candidates),
+        n_keep=min(40, 2 * n_candidates),
+        n_candidates=min(80, 2 * n_candidates),
+        batch=batch,
+    )
+    quats, corr, rel = r.quaternions[:, 0].copy(), r.correlation[:, 0].copy(), r.reliability.copy()
+    dist = match.beam_direction_angle(seeds, quats, pt.symmetry)
+    radius = pt.nearest(seeds, n_candidates)[1]
+    fb = (corr < min_correlation) | (dist > rim_fraction * radius)
     if library is not None and fb.any():
         lib1 = library.restrict([pt.phase.name])
-        r = match.match_descriptors(desc[fb], lib1, n_best=1, normalization="none")
-        quats[fb] = r.quaternions[:, 0]
-        corr[fb] = r.correlation[:, 0]
-        rel[fb] = r.reliability
+        full = match.match_descriptors(desc[fb], lib1, n_best=1, normalization="none")
+        quats[fb] = full.quaternions[:, 0]
+        corr[fb] = full.correlation[:, 0]
+        rel[fb] = full.reliability
     elif library is None:
         fb[:] = False
-    return HybridResult(quats, corr, rel, fb, dist[:, 0])
+    return HybridResult(quats, corr, rel, fb, dist)
 
 
 # --------------------------------------------------------------------------------------
@@ -1973,7 +1901,7 @@ def train_phase(
     settings: descriptors.DescriptorSettings | None = None,
     save_to: str | Path | None = None,
     directory: str | Path | None = None,
-    n_candidates: int = 32,
+    n_candidates: int = 0,
     seed: int = 0,
 ) -> PhaseRun:
     """Train (architecture search), fine-tune and evaluate the regressor of ``phase``.
@@ -1995,6 +1923,10 @@ def train_phase(
         Folder to save the fine-tuned regressor in (None: not saved).
     directory
         Where the search trials go (resumable), default ``data/cache/regress``.
+    n_candidates
+        Beam directions the hybrid searches around each seed; 0: the smallest neighbourhood
+        that keeps the hybrid within 0.2 deg of template matching on the fine-tuning
+        patterns (:func:`calibrate_neighbourhood`).
     """
     from . import match
 
@@ -2028,6 +1960,8 @@ def train_phase(
     secs["fine_tune"] = time.perf_counter() - t
     lib = match.build_library([phase], settings=settings)
     local = LocalTemplates.from_library(lib, phase)
+    if not n_candidates:
+        n_candidates = calibrate_neighbourhood(ft, xt, qt, local) if len(xt) else local.size
     min_corr = calibrate_fallback(ft, xt, qt, local, n_candidates) if len(xt) else 0.0
     errors, timing = {}, {}
     preds = {}
@@ -2090,6 +2024,37 @@ def train_phase(
     ft.metadata["seconds"] = secs
     path = save_regressor(ft, save_to) if save_to is not None else None
     return PhaseRun(phase, reg, ft, base, errors, secs, table, path)
+
+
+def calibrate_neighbourhood(
+    reg: Regressor,
+    desc: np.ndarray,
+    q: np.ndarray,
+    local: LocalTemplates,
+    tolerance: float = 0.2,
+    sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+) -> int:
+    """How many beam directions the hybrid must search around the regressor's seeds.
+
+    On labelled real patterns (the fine-tuning set) the hybrid (no fallback) is run with
+    neighbourhoods of ``sizes`` templates; the smallest whose median disorientation (modulo
+    the beam flip) is within ``tolerance`` deg of template matching over the whole phase,
+    with no more patterns off by over 10 deg, is returned (the whole library when none is):
+    a regressor that seeds well gets a small, fast neighbourhood, a poor one the full search.
+    """
+    from . import match
+
+    if len(desc) == 0:
+        return local.size
+    tm = match.match_descriptors(desc, local.library, n_best=1, normalization="none")
+    e_tm = disorientation_deg(tm.quaternions[:, 0], q, reg.phase, modulo_flip=True)
+    seeds = reg.predict(desc)
+    for k in sorted(s for s in sizes if s < local.size):
+        h = hybrid_refine(desc, seeds, local, None, n_candidates=k)
+        e = disorientation_deg(h.quaternions, q, reg.phase, modulo_flip=True)
+        if np.median(e) <= np.median(e_tm) + tolerance and np.mean(e > 10) <= np.mean(e_tm > 10):
+            return k
+    return local.size
 
 
 def calibrate_fallback(

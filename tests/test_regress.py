@@ -196,6 +196,60 @@ def test_hybrid_refines_perturbed_seed(rng):
     assert same[fb.fallback].max() < 0.01  # the fallbacks carry the full search's answer
 
 
+def test_neighbourhood_restricts_the_search(rng):
+    from temlib import match
+
+    st = descriptors.DescriptorSettings(r_min=0.3, n_spots=20, radial_weight=0.0)
+    lib = match.build_library(["ferrite"], resolution=1.0, settings=st)
+    pt = lib.phases[0]
+    pick = rng.choice(pt.size, size=12, replace=False)
+    q_true = regress.qmul(pt.quaternions[pick], regress.rz(-rng.uniform(0, 360, 12)))
+    # each template is its own nearest beam direction; more neighbours reach farther
+    own, r1 = pt.nearest(q_true, 1)
+    assert (
+        own[np.arange(12), pick].all() and own.sum(axis=1).max() == 1 and r1.max() < 0.05
+    )  # float32 arccos near 1
+    mask, r64 = pt.nearest(q_true, 64)
+    assert (mask.sum(axis=1) == 64).all() and 3 < np.median(r64) < 12
+    desc = _template_desc("ferrite", q_true, st)
+    near = match.match_descriptors(desc, lib, n_best=1, normalization="none", near=(q_true, 16))
+    e_near = regress.disorientation_deg(near.quaternions[:, 0], q_true, "ferrite", modulo_flip=True)
+    assert np.median(e_near) < 0.5
+    # seeds 30 deg away with a small neighbourhood: the truth is not searched, the answer
+    # stays near the seed (within the neighbourhood's radius)
+    far = regress.qmul(q_true, _random_rotation(12, 30.0, rng))
+    out = match.match_descriptors(desc, lib, n_best=1, normalization="none", near=(far, 16))
+    d_seed = match.beam_direction_angle(far, out.quaternions[:, 0], pt.symmetry)
+    assert (d_seed <= pt.nearest(far, 16)[1] + 1e-6).all()
+    e_far = regress.disorientation_deg(out.quaternions[:, 0], q_true, "ferrite", modulo_flip=True)
+    assert np.median(e_far) > 5
+
+
+class _Seeds:
+    """A stand-in regressor: predicts given orientations (to plant seeds of known quality)."""
+
+    def __init__(self, phase, q):
+        self.phase, self.q = phase, q
+
+    def predict(self, desc):
+        return self.q[: len(desc)]
+
+
+def test_calibrated_neighbourhood_follows_seed_quality(rng):
+    from temlib import match
+
+    st = descriptors.DescriptorSettings(r_min=0.3, n_spots=20, radial_weight=0.0)
+    lib = match.build_library(["ferrite"], resolution=1.0, settings=st)
+    local = regress.LocalTemplates.from_library(lib, "ferrite")
+    pick = rng.choice(local.size, size=40, replace=False)
+    q_true = regress.qmul(local.templates.quaternions[pick], regress.rz(-rng.uniform(0, 360, 40)))
+    desc = _template_desc("ferrite", q_true, st)
+    good = _Seeds("ferrite", regress.qmul(q_true, _random_rotation(40, 1.0, rng)))
+    poor = _Seeds("ferrite", synth.random_quaternions(40, rng))
+    assert regress.calibrate_neighbourhood(good, desc, q_true, local) <= 32
+    assert regress.calibrate_neighbourhood(poor, desc, q_true, local) >= 512
+
+
 def test_index_stream_iterator_folder_and_growing_file(tiny_regressor, tmp_path):
     reg, st = tiny_regressor
     m = synth.steel_maps("ci", show_progressbar=False)["test"]
