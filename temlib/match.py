@@ -314,7 +314,7 @@ def build_library(
         raise ValueError(
             "No phases given; expected one or more of " + ", ".join(crystal.phase_names())
         )
-    g_max = float(np.ceil((settings.r_max + 3 * settings.sigma) * 10) / 10)
+    g_max = _g_max(settings)
     if max_excitation_error is None:
         max_excitation_error = settings.excitation_error
     out = []
@@ -323,7 +323,7 @@ def build_library(
             ph,
             kind="reduced",
             resolution=resolution,
-            reciprocal_radius=max(1.5, g_max),
+            reciprocal_radius=g_max,
             max_excitation_error=max_excitation_error,
             kv=kv,
             show_progressbar=show_progressbar,
@@ -350,6 +350,70 @@ def build_library(
     lib = Library(out, settings, params)
     lib.phase_calibration = load_phase_calibration(lib)
     return lib
+
+
+def _g_max(settings: descriptors.DescriptorSettings) -> float:
+    """Largest reciprocal radius (1/Å) simulated for templates of these settings."""
+    return max(1.5, float(np.ceil((settings.r_max + 3 * settings.sigma) * 10) / 10))
+
+
+def truth_margin(
+    desc: np.ndarray,
+    q_true: np.ndarray,
+    library: Library,
+    phase: str,
+    min_angle: float = 5.0,
+    n_best: int = 80,
+) -> np.ndarray:
+    """How well each pattern's descriptor singles out its true orientation: a ceiling.
+
+    The correlation of the pattern with the template simulated at its true orientation
+    (the library's relrod width and descriptor settings, best in-plane angle) minus the
+    best correlation of any library template at least ``min_angle`` deg away (modulo the
+    beam flip). Where it is negative, a wrong orientation fits the descriptor better than
+    the truth: no template matching on this descriptor, and no regressor trained on its
+    templates, can be expected to find the truth there (few-spot patterns, intensities the
+    kinematic model does not reproduce).
+
+    Parameters
+    ----------
+    desc
+        (N, n_r, n_theta) pattern descriptors of the phase.
+    q_true
+        (N, 4) true orientations.
+    library, phase
+        A :func:`build_library` library and the phase of the patterns.
+    """
+    from scipy import fft
+
+    from . import simulate
+
+    if phase not in library.names:
+        raise ValueError(f"Phase {phase!r} is not in the library; expected one of {library.names}")
+    desc = np.asarray(desc, np.float32)
+    q_true = np.asarray(q_true, float).reshape(-1, 4)
+    if len(desc) != len(q_true):
+        raise ValueError(
+            f"{len(desc)} descriptors for {len(q_true)} orientations; expected one each"
+        )
+    pt = library.phases[library.names.index(phase)]
+    refl = simulate.reflections(pt.phase, g_max=_g_max(library.settings))
+    xy, inten, _ = simulate.kinematic_spots(
+        refl,
+        Rotation(q_true),
+        kv=library.params["kv"],
+        max_excitation_error=library.params["max_excitation_error"],
+    )
+    own_desc = descriptors.template_descriptors(xy, inten, library.settings)
+    n_theta = desc.shape[-1]
+    spec = (fft.rfft(desc, axis=-1) * np.conj(fft.rfft(own_desc, axis=-1))).sum(axis=1)
+    own = fft.irfft(spec, n=n_theta, axis=-1).max(axis=-1)
+    r = match_descriptors(
+        desc, library.restrict([phase]), n_best=n_best, normalization="none", n_candidates=n_best
+    )
+    mis = misorientation_deg(r.quaternions, q_true[:, None], pt.symmetry, modulo_flip=True)
+    far = np.where(mis >= min_angle, r.correlation, -np.inf).max(axis=1)
+    return own - np.maximum(far, -1.0)
 
 
 def calibration_path():

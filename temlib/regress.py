@@ -2182,9 +2182,13 @@ def compare_methods(
     table
         pandas DataFrame, one row per method and phase (plus ``all``): phase accuracy,
         disorientation statistics strict and modulo the beam flip, patterns/s (wall) and
-        process CPU ms per pattern, phase source.
+        process CPU ms per pattern, phase source, and ``resolvable``: the share of these
+        pixels whose descriptor fits the template of their true orientation better than any
+        template at least 5 deg away (:func:`temlib.match.truth_margin`), a ceiling for the
+        share any template-based method can get right.
     errors
-        ``{method: {"phase_ok", "strict", "flip", "truth"}}`` per pattern.
+        ``{method: {"phase_ok", "strict", "flip", "truth"}}`` per pattern, and
+        ``"resolvable"`` (bool per pattern).
     """
     import pandas as pd
 
@@ -2254,7 +2258,16 @@ def compare_methods(
         pid = np.array([names.index(lib.names[i]) for i in r.phase_index])
         preds["pyxem"] = (pid, r.quaternions[:, 0], "pyxem scores")
         timing["pyxem"] = (np.nan, info["seconds"])
-    rows, errors = [], {}
+    # the ceiling: pixels whose descriptor fits their true orientation's own template better
+    # than every template >= 5 deg away (match.truth_margin)
+    lib = match.build_library(names, kv=kv)
+    desc = descriptors.pattern_descriptors(pats, cal, io.find_direct_beam(pats), lib.settings)
+    resolvable = np.zeros(len(pats), bool)
+    for j, ph in enumerate(names):
+        sel = np.flatnonzero(truth_pid == j)
+        if sel.size:
+            resolvable[sel] = match.truth_margin(desc[sel], truth_q[sel], lib, ph) > 0
+    rows, errors = [], {"resolvable": resolvable}
     for m, (pid, q, src) in preds.items():
         k = len(pid)
         ok = pid == truth_pid[:k]
@@ -2284,6 +2297,7 @@ def compare_methods(
                     row[f"{kind} {col}"] = float(st.loc[kind, col]) if kind in st.index else np.nan
             row["patterns/s"] = k / wall
             row["CPU ms/pattern"] = 1e3 * cpu / k
+            row["resolvable"] = float(resolvable[:k][sel].mean())
             rows.append(row)
     return pd.DataFrame(rows), errors
 
@@ -2382,13 +2396,19 @@ def goals_table(comparison):
 
     def value(method, col):
         sel = comparison[(comparison["method"] == method) & (comparison["phase"] == "all")]
-        return float(sel[col].iloc[0]) if len(sel) else np.nan
+        return float(sel[col].iloc[0]) if len(sel) and col in sel else np.nan
 
     rows = [
         ("hybrid median (deg)", "<= 0.5", value("hybrid", "flip median"), lambda v: v <= 0.5),
         ("hybrid fraction < 2 deg", ">= 0.95", value("hybrid", "flip <2"), lambda v: v >= 0.95),
         ("ML median (deg)", "<= 2", value("ml", "flip median"), lambda v: v <= 2),
         ("TM median (deg), for reference", "-", value("tm", "flip median"), lambda v: np.nan),
+        (
+            "resolvable pixels (ceiling), for reference",
+            "-",
+            value(comparison["method"].iloc[0], "resolvable") if len(comparison) else np.nan,
+            lambda v: np.nan,
+        ),
     ]
     return pd.DataFrame(
         [

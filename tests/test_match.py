@@ -199,3 +199,20 @@ def test_phase_calibration_fit(library, rng, tmp_path):
         assert (res2.phase_index == 0).mean() >= 0.8
     finally:
         library.phase_calibration = None
+
+
+def test_truth_margin_separates_resolvable_patterns(library, rng):
+    q = _rich_orientations("ferrite", 8, rng)
+    refl = simulate.reflections("ferrite", 1.5)
+    xy, inten, _ = simulate.kinematic_spots(refl, Rotation(q), kv=200, max_excitation_error=0.05)
+    desc = D.template_descriptors(xy, inten, ST)
+    # a pattern's own orientation fits it best: positive margin
+    assert (M.truth_margin(desc, q, library, "ferrite") > 0).all()
+    # told a wrong "truth" 30 deg away, the margin is negative: the real one is in the library
+    from orix.quaternion import Rotation as R
+
+    axis = rng.standard_normal((8, 3))
+    wrong = M._qmul(q, R.from_axes_angles(axis, np.radians(30.0)).data)
+    assert (M.truth_margin(desc, wrong, library, "ferrite") < 0).mean() >= 0.75
+    with pytest.raises(ValueError, match="not in the library"):
+        M.truth_margin(desc, q, library, "cementite")

@@ -304,7 +304,13 @@ def test_goals_table_reads_the_comparison():
 
     comp = pd.DataFrame(
         [
-            {"method": "hybrid", "phase": "all", "flip median": 0.4, "flip <2": 0.9},
+            {
+                "method": "hybrid",
+                "phase": "all",
+                "flip median": 0.4,
+                "flip <2": 0.9,
+                "resolvable": 0.8,
+            },
             {"method": "ml", "phase": "all", "flip median": 1.5, "flip <2": 0.6},
             {"method": "tm", "phase": "all", "flip median": 0.3, "flip <2": 0.97},
             {"method": "ml", "phase": "ferrite", "flip median": 9.0, "flip <2": 0.1},
@@ -313,3 +319,4 @@ def test_goals_table_reads_the_comparison():
     g = regress.goals_table(comp).set_index("goal")
     assert g.loc["hybrid median (deg)", "met"] and not g.loc["hybrid fraction < 2 deg", "met"]
     assert g.loc["ML median (deg)", "measured"] == 1.5 and g.loc["ML median (deg)", "met"]
+    assert g.loc["resolvable pixels (ceiling), for reference", "measured"] == 0.8
