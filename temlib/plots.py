@@ -31,7 +31,8 @@ def ipf_rgb(xmap, direction=(0, 0, 1)) -> np.ndarray:
     """(rows, cols, 3) inverse-pole-figure colours of each pixel's orientation along ``direction``.
 
     Each phase is coloured with the IPF key of its own point group (orix ``IPFColorKeyTSL``);
-    ``direction`` is a sample direction (default the beam, z).
+    ``direction`` is a sample direction (default the beam, z). Maps holding several
+    solutions per point are coloured by the first (the best).
     """
     from orix.plot import IPFColorKeyTSL
     from orix.quaternion import Orientation
@@ -45,7 +46,10 @@ def ipf_rgb(xmap, direction=(0, 0, 1)) -> np.ndarray:
         if not m.any():
             continue
         key = IPFColorKeyTSL(phase.point_group, direction=Vector3d(direction))
-        o = Orientation(xmap.rotations[m], symmetry=phase.point_group)
+        rot = xmap.rotations[m]
+        if rot.ndim > 1:  # n best solutions per point: the best
+            rot = rot[:, 0]
+        o = Orientation(rot, symmetry=phase.point_group)
         rgb[m] = key.orientation2color(o)
     return rgb.reshape(*xmap.shape, 3)
 

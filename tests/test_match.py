@@ -216,3 +216,27 @@ def test_truth_margin_separates_resolvable_patterns(library, rng):
     assert (M.truth_margin(desc, wrong, library, "ferrite") < 0).mean() >= 0.75
     with pytest.raises(ValueError, match="not in the library"):
         M.truth_margin(desc, q, library, "cementite")
+
+
+def test_ipf_colours_best_solution_and_key():
+    from orix.crystal_map import CrystalMap, PhaseList
+
+    from temlib import plots
+
+    q = Rotation.random((12, 3)).data
+    q[0, 0] = [1.0, 0.0, 0.0, 0.0]  # identity first: beam along [001]
+
+    def xmap(rot):
+        return CrystalMap(
+            rotations=Rotation(rot),
+            phase_id=np.zeros(12, int),
+            x=np.tile(np.arange(4), 3),
+            y=np.repeat(np.arange(3), 4),
+            phase_list=PhaseList(phases=[crystal.get_phase("ferrite")], ids=[0]),
+        )
+
+    several = plots.ipf_rgb(xmap(q))
+    best = plots.ipf_rgb(xmap(q[:, 0]))
+    assert several.shape == (3, 4, 3)
+    np.testing.assert_allclose(several, best)
+    np.testing.assert_allclose(best[0, 0], [1, 0, 0], atol=1e-6)  # cubic key: [001] is red
