@@ -110,3 +110,21 @@ def keras():
     import keras as k
 
     return k
+
+
+def auto_model(**kwargs):
+    """``autokeras.AutoModel(**kwargs)`` that leaves NumPy's global generator as it was.
+
+    AutoKeras seeds ``np.random`` globally when a model is built with a seed; temlib
+    draws from its own generators, but the caller's global state is restored.
+    """
+    import numpy as np
+
+    keras()
+    import autokeras as ak
+
+    state = np.random.get_state()  # noqa: NPY002
+    try:
+        return ak.AutoModel(**kwargs)
+    finally:
+        np.random.set_state(state)  # noqa: NPY002

@@ -1176,24 +1176,22 @@ def search(
     if learning_rate is not None:
         fixed.Fixed("optimizer", "adam")
         fixed.Fixed("learning_rate", float(learning_rate))
-    state = np.random.get_state()  # noqa: NPY002  (AutoKeras seeds the global generator)
-    try:
-        am = ak.AutoModel(
-            inputs=inp,
-            outputs=out,
-            max_trials=max_trials,
-            tuner=tuner,
-            directory=str(directory),
-            project_name=project_name,
-            overwrite=overwrite,
-            objective="val_accuracy",
-            seed=seed,
-            max_model_size=max_model_size,
-            hyperparameters=fixed,
-            tune_new_entries=True,
-        )
-    finally:
-        np.random.set_state(state)  # noqa: NPY002
+    from . import _runtime
+
+    am = _runtime.auto_model(
+        inputs=inp,
+        outputs=out,
+        max_trials=max_trials,
+        tuner=tuner,
+        directory=str(directory),
+        project_name=project_name,
+        overwrite=overwrite,
+        objective="val_accuracy",
+        seed=seed,
+        max_model_size=max_model_size,
+        hyperparameters=fixed,
+        tune_new_entries=True,
+    )
     eye = np.eye(n_classes, dtype=np.float32)
     if n_classes == 2:  # AutoKeras: two classes are one sigmoid column
         eye = np.array([[0.0], [1.0]], np.float32)

@@ -869,24 +869,22 @@ def search(
     fixed = HyperParameters()  # AutoKeras' own optimizer choices, restricted to what trains here
     fixed.Fixed("optimizer", "adam")
     fixed.Choice("learning_rate", list(space.learning_rate), default=space.learning_rate[0])
-    state = np.random.get_state()  # noqa: NPY002 (AutoKeras seeds the global generator: restore it)
-    try:
-        am = ak.AutoModel(
-            inputs=inp,
-            outputs=out,
-            max_trials=max_trials,
-            tuner=tuner,
-            directory=str(directory),
-            project_name=project_name,
-            overwrite=overwrite,
-            objective="val_loss",
-            seed=seed,
-            max_model_size=max_model_size,
-            hyperparameters=fixed,
-            tune_new_entries=True,
-        )
-    finally:
-        np.random.set_state(state)  # noqa: NPY002
+    from . import _runtime
+
+    am = _runtime.auto_model(
+        inputs=inp,
+        outputs=out,
+        max_trials=max_trials,
+        tuner=tuner,
+        directory=str(directory),
+        project_name=project_name,
+        overwrite=overwrite,
+        objective="val_loss",
+        seed=seed,
+        max_model_size=max_model_size,
+        hyperparameters=fixed,
+        tune_new_entries=True,
+    )
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, min_delta=1e-4)
     t0 = time.perf_counter()
     am.fit(
