@@ -466,7 +466,15 @@ class Detector:
         self.model = ul.YOLO(str(self.path), task="detect")
 
     def __repr__(self) -> str:
-        return f"Detector({str(self.path)!r}, imgsz={self.imgsz}, classes={self.classes})"
+        return (
+            f"Detector({str(self.path)!r}, imgsz={self.imgsz}, classes={self.classes}, "
+            f"conf={self.default_conf})"
+        )
+
+    @property
+    def default_conf(self) -> float:
+        """Confidence threshold used when none is given: the metadata's ``conf``, else 0.25."""
+        return float(self.metadata.get("conf", 0.25))
 
     def _run(
         self, frames: list[np.ndarray], conf: float, iou: float, batch: int
@@ -496,7 +504,7 @@ class Detector:
     def predict(
         self,
         image_or_batch,
-        conf: float = 0.25,
+        conf: float | None = None,
         iou: float = 0.5,
         tile: int | str | None = None,
         overlap: float | None = None,
@@ -511,7 +519,8 @@ class Detector:
             One image ``(M, N)`` / ``(M, N, 3|4)``, a stack ``(B, M, N)``, a list of images
             (sizes may differ), or file paths. Any dtype: see :func:`to_gray8`.
         conf, iou
-            Confidence threshold and NMS IoU threshold.
+            Confidence threshold (``None``: the model's metadata ``conf``, chosen on held-out
+            validation images by :func:`choose_confidence`, else 0.25) and NMS IoU threshold.
         tile
             Tile size in px for tiled inference (``None``: whole frame letterboxed to the
             model's ``imgsz``). Tiles overlap by ``overlap`` of their size; boxes cut by an
@@ -535,6 +544,8 @@ class Detector:
             One ``(K, 6)`` array ``[x1, y1, x2, y2, conf, class]`` per image, pixels of the
             input image, sorted by decreasing confidence.
         """
+        if conf is None:
+            conf = self.default_conf
         if not 0 < conf < 1:
             raise ValueError(f"conf {conf!r} is out of range; expected 0 < conf < 1")
         if tile is not None and tile != "auto" and (not isinstance(tile, int) or tile < 32):
@@ -730,6 +741,63 @@ def evaluate(
     return out
 
 
+CONF_GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
+
+
+def choose_confidence(
+    detector: Detector,
+    images: list[np.ndarray],
+    labels: list[np.ndarray],
+    grid=CONF_GRID,
+    iou: float = 0.5,
+    **predict_kwargs,
+):
+    """The confidence threshold with the best F1 (IoU ``iou``) on labelled validation images.
+
+    Detect once at the lowest threshold of ``grid``, then score every threshold. Use
+    held-out images that are not the test set (the threshold is a fitted parameter).
+
+    Returns
+    -------
+    conf
+        The best threshold.
+    table
+        pandas DataFrame: threshold, precision, recall, F1.
+    """
+    import pandas as pd
+
+    grid = sorted(float(c) for c in grid)
+    if not grid or not 0 < grid[0] < 1 or grid[-1] >= 1:
+        raise ValueError(f"Thresholds {grid} are not valid; expected values in (0, 1)")
+    preds = detector.predict(images, conf=grid[0], **predict_kwargs)
+    rows = []
+    for c in grid:
+        ev = evaluate([p[p[:, 4] >= c] for p in preds], labels, iou_thresholds=(iou,))
+        rows.append(
+            {
+                "conf": c,
+                "precision": ev[f"precision@{iou}"],
+                "recall": ev[f"recall@{iou}"],
+                "f1": ev[f"f1@{iou}"],
+            }
+        )
+    table = pd.DataFrame(rows)
+    return float(table.loc[table["f1"].idxmax(), "conf"]), table
+
+
+def update_metadata(model_dir: str | Path, **entries) -> dict:
+    """Add ``entries`` to a model folder's ``metadata.json`` (written atomically); returns it."""
+    path = Path(model_dir) / "metadata.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No metadata.json in {model_dir}; expected a folder written by train()"
+        )
+    meta = json.loads(path.read_text())
+    meta.update(entries)
+    _write_json(path, meta)
+    return meta
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -745,7 +813,7 @@ def detect_folder(
     model: str | Path = "cavity",
     nm_per_px: float | None = None,
     thickness_nm: float | None = None,
-    conf: float = 0.25,
+    conf: float | None = None,
     iou: float = 0.5,
     tile: int | str | None = "auto",
     progress: bool = True,
@@ -873,7 +941,10 @@ def _cli_detect(parser):
         "--thickness-nm", type=float, default=None, help="foil thickness, for a swelling estimate"
     )
     parser.add_argument(
-        "--conf", type=float, default=0.25, help="confidence threshold (default 0.25)"
+        "--conf",
+        type=float,
+        default=None,
+        help="confidence threshold (default: the model's, chosen on validation images; else 0.25)",
     )
     parser.add_argument("--iou", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
     parser.add_argument(

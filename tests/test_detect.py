@@ -201,3 +201,42 @@ def test_tiling_defaults_come_from_the_model_metadata():
     det.metadata = {"tile_overlap": 0.95}
     with pytest.raises(ValueError, match="overlap 0.95 is out of range"):
         det.predict(img, tile=64)
+
+
+def _planted_detector(boxes_per_frame):
+    """A Detector returning planted (K, 6) boxes per frame, filtered by the threshold it gets."""
+    det = detect.Detector.__new__(detect.Detector)
+    det.metadata, det.imgsz, det.classes = {}, 640, ["cavity"]
+    it = {}
+
+    def run(frames, conf, iou, batch):
+        out = []
+        for f in frames:
+            b = boxes_per_frame[int(f[0, 0])]  # frame i carries its index in pixel (0, 0)
+            out.append(b[b[:, 4] >= conf])
+        it["conf"] = conf
+        return out
+
+    det._run = run
+    return det, it
+
+
+def test_choose_confidence_plants_the_best_threshold_and_predict_uses_it(tmp_path):
+    truth = [np.array([[0, 10, 10, 30, 30], [0, 50, 50, 70, 80]], float) for _ in range(3)]
+    # every true box found with confidence 0.6, and one false box per frame at 0.3
+    found = [
+        np.array([[10, 10, 30, 30, 0.6, 0], [50, 50, 70, 80, 0.6, 0], [90, 90, 99, 99, 0.3, 0]])
+        for _ in range(3)
+    ]
+    frames = [np.full((100, 100), i, np.uint8) for i in range(3)]
+    det, seen = _planted_detector(found)
+    conf, table = detect.choose_confidence(det, frames, truth)
+    assert 0.3 < conf <= 0.6 and table["f1"].max() == 1.0
+    assert table.set_index("conf").loc[0.3, "f1"] < 1.0  # the false boxes still count at 0.3
+    # the chosen threshold goes into the model's metadata, and predict(conf=None) uses it
+    (tmp_path / "metadata.json").write_text('{"imgsz": 640}')
+    det.metadata = detect.update_metadata(tmp_path, conf=conf)
+    assert det.default_conf == conf and len(det.predict(frames[0])[0]) == 2
+    assert seen["conf"] == conf
+    with pytest.raises(FileNotFoundError, match="No metadata.json"):
+        detect.update_metadata(tmp_path / "nothing", conf=0.5)
