@@ -128,3 +128,33 @@ def auto_model(**kwargs):
         return ak.AutoModel(**kwargs)
     finally:
         np.random.set_state(state)  # noqa: NPY002
+
+
+def split_apply(f, *arrays, workers: int | None = None, min_part: int = 256):
+    """``f(*parts)`` on contiguous parts of ``arrays`` (split along axis 0) in parallel threads.
+
+    NumPy, SciPy and TensorFlow release the GIL in their heavy loops, so threads use
+    every core on the per-pattern steps that are not one large BLAS call. BLAS is held
+    at one thread inside (the parts are the parallelism; two levels of threads on two
+    cores only wait on each other). ``f`` returns an array or a tuple of arrays over the
+    part's patterns; the parts' results are concatenated in order. With one worker, or
+    fewer than ``2 min_part`` patterns, ``f`` runs once on everything.
+    """
+    import numpy as np
+
+    n = len(arrays[0])
+    workers = n_threads() if workers is None else max(1, int(workers))
+    k = min(workers, n // max(min_part, 1))
+    if k <= 1:
+        return f(*arrays)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    edges = np.linspace(0, n, k + 1).astype(int)
+    parts = [tuple(a[s:e] for a in arrays) for s, e in zip(edges[:-1], edges[1:], strict=True)]
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(k) as pool:
+        outs = list(pool.map(lambda p: f(*p), parts))
+    if isinstance(outs[0], tuple):
+        return tuple(np.concatenate(x) for x in zip(*outs, strict=True))
+    return np.concatenate(outs)

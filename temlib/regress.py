@@ -1527,8 +1527,16 @@ def index_patterns(
     if p.ndim != 3:
         raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
     n = len(p)
-    centers = io.find_direct_beam(p) if centers is None else centers
-    desc = descriptors.pattern_descriptors(p, calibration, centers, models.settings)
+    from . import _runtime
+
+    if centers is None:
+        centers = _runtime.split_apply(io.find_direct_beam, p)
+    centers = np.asarray(centers, float).reshape(n, 2)
+    desc = _runtime.split_apply(
+        lambda a, c: descriptors.pattern_descriptors(a, calibration, c, models.settings),
+        p,
+        centers,
+    )
     prob = np.full(n, np.nan)
     if phase_of is None and models.classifier is None and len(models.phases) == 1:
         phase_of = np.zeros(n, np.int64)
@@ -1541,7 +1549,13 @@ def index_patterns(
         tm = match.match_descriptors(desc, models.library, n_best=1)
         phase_of = np.array([models.phases.index(models.library.names[i]) for i in tm.phase_index])
     if phase_of is None:
-        pr = models.classifier.predict_proba(p, calibration, centers=centers)
+        from . import classify
+
+        prep = models.classifier.preprocessing
+        x = _runtime.split_apply(
+            lambda a, c: classify.preprocess(a, calibration, prep, centers=c), p, centers
+        )
+        pr = models.classifier.predict_inputs(x)
         phase_of = pr.argmax(axis=1)
         prob = pr[np.arange(n), phase_of]
     phase_of = np.asarray(phase_of, np.int64).reshape(n)
@@ -1567,14 +1581,23 @@ def index_patterns(
             res.quaternions[sel] = seeds
             res.branch[sel] = BRANCH_CODES["ml"]
             continue
-        h = hybrid_refine(
-            desc[sel], seeds, models.local(ph), models.library, **models.hybrid.get(ph, {})
+        local, kw = models.local(ph), models.hybrid.get(ph, {})
+        q, corr, rel, fb = _runtime.split_apply(
+            lambda d, s, local=local, kw=kw: _hybrid_arrays(
+                hybrid_refine(d, s, local, models.library, **kw)
+            ),
+            desc[sel],
+            seeds,
         )
-        res.quaternions[sel] = h.quaternions
-        res.correlation[sel] = h.correlation
-        res.reliability[sel] = h.reliability
-        res.branch[sel] = np.where(h.fallback, BRANCH_CODES["tm"], BRANCH_CODES["hybrid"])
+        res.quaternions[sel] = q
+        res.correlation[sel] = corr
+        res.reliability[sel] = rel
+        res.branch[sel] = np.where(fb, BRANCH_CODES["tm"], BRANCH_CODES["hybrid"])
     return res
+
+
+def _hybrid_arrays(h: HybridResult) -> tuple:
+    return h.quaternions, h.correlation, h.reliability, h.fallback
 
 
 def to_crystal_map(

@@ -163,3 +163,27 @@ def test_cli_index_runs(small_map, tmp_path, capsys, monkeypatch, library):
     assert rc == 0
     out = capsys.readouterr().out
     assert "indexed 64 patterns" in out and (tmp_path / "r.ang").is_file()
+
+
+def test_split_apply_runs_parts_in_threads_and_keeps_order():
+    import threading
+
+    from temlib import _runtime
+
+    x = np.arange(1000, dtype=float)
+    seen = set()
+    both = threading.Barrier(2, timeout=10)  # passes only if the two parts run at the same time
+
+    def f(a, b):
+        seen.add(threading.get_ident())
+        both.wait()
+        return a * 2, (a + b)[:, None]
+
+    two, s = _runtime.split_apply(f, x, -x, workers=2, min_part=100)
+    np.testing.assert_array_equal(two, 2 * x)
+    assert s.shape == (1000, 1) and not s.any()
+    assert len(seen) == 2  # two parts, two threads
+    # too few patterns for two parts: one call
+    np.testing.assert_array_equal(
+        _runtime.split_apply(lambda a: a + 1, x[:150], workers=2, min_part=100), x[:150] + 1
+    )
