@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from . import paths
@@ -130,6 +131,9 @@ def auto_model(**kwargs):
         np.random.set_state(state)  # noqa: NPY002
 
 
+_in_part = threading.local()
+
+
 def split_apply(f, *arrays, workers: int | None = None, min_part: int = 256):
     """``f(*parts)`` on contiguous parts of ``arrays`` (split along axis 0) in parallel threads.
 
@@ -138,14 +142,15 @@ def split_apply(f, *arrays, workers: int | None = None, min_part: int = 256):
     at one thread inside (the parts are the parallelism; two levels of threads on two
     cores only wait on each other). ``f`` returns an array or a tuple of arrays over the
     part's patterns; the parts' results are concatenated in order. With one worker, or
-    fewer than ``2 min_part`` patterns, ``f`` runs once on everything.
+    fewer than ``2 min_part`` patterns, or when called from inside a part (nested), ``f``
+    runs once on everything.
     """
     import numpy as np
 
     n = len(arrays[0])
     workers = n_threads() if workers is None else max(1, int(workers))
     k = min(workers, n // max(min_part, 1))
-    if k <= 1:
+    if k <= 1 or getattr(_in_part, "active", False):
         return f(*arrays)
     from concurrent.futures import ThreadPoolExecutor
 
@@ -153,8 +158,16 @@ def split_apply(f, *arrays, workers: int | None = None, min_part: int = 256):
 
     edges = np.linspace(0, n, k + 1).astype(int)
     parts = [tuple(a[s:e] for a in arrays) for s, e in zip(edges[:-1], edges[1:], strict=True)]
+
+    def run(p):
+        _in_part.active = True
+        try:
+            return f(*p)
+        finally:
+            _in_part.active = False
+
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(k) as pool:
-        outs = list(pool.map(lambda p: f(*p), parts))
+        outs = list(pool.map(run, parts))
     if isinstance(outs[0], tuple):
         return tuple(np.concatenate(x) for x in zip(*outs, strict=True))
     return np.concatenate(outs)

@@ -274,11 +274,17 @@ def pattern_descriptors(
     p = io.check_stack(patterns, calibration)
     if np.issubdtype(p.dtype, np.floating) and not np.isfinite(p).all():
         raise ValueError("Patterns hold NaN or infinite values; expected finite intensities")
+    from . import _runtime
+
     if centers is None:
-        centers = io.find_direct_beam(p)
+        centers = _runtime.split_apply(io.find_direct_beam, p)
     centers = np.asarray(centers, float).reshape(len(p), 2)
-    p = prefilter(p, calibration, settings)
-    return descriptors_from_polar(polar_transform(p, calibration, centers, settings), settings)
+
+    def part(a, c):
+        a = prefilter(a, calibration, settings)
+        return descriptors_from_polar(polar_transform(a, calibration, c, settings), settings)
+
+    return _runtime.split_apply(part, p, centers)  # parts of the stack on every core
 
 
 def pattern_descriptor(

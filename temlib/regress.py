@@ -1532,11 +1532,7 @@ def index_patterns(
     if centers is None:
         centers = _runtime.split_apply(io.find_direct_beam, p)
     centers = np.asarray(centers, float).reshape(n, 2)
-    desc = _runtime.split_apply(
-        lambda a, c: descriptors.pattern_descriptors(a, calibration, c, models.settings),
-        p,
-        centers,
-    )
+    desc = descriptors.pattern_descriptors(p, calibration, centers, models.settings)
     prob = np.full(n, np.nan)
     if phase_of is None and models.classifier is None and len(models.phases) == 1:
         phase_of = np.zeros(n, np.int64)

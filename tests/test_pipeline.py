@@ -187,3 +187,22 @@ def test_split_apply_runs_parts_in_threads_and_keeps_order():
     np.testing.assert_array_equal(
         _runtime.split_apply(lambda a: a + 1, x[:150], workers=2, min_part=100), x[:150] + 1
     )
+
+
+def test_split_apply_nested_runs_serially():
+    import threading
+
+    from temlib import _runtime
+
+    x = np.arange(1000, dtype=float)
+    outer = set()
+
+    def inner(a):
+        outer.add(threading.get_ident())
+        return a
+
+    def f(a):
+        return _runtime.split_apply(inner, a, workers=2, min_part=10)  # nested: no new threads
+
+    np.testing.assert_array_equal(_runtime.split_apply(f, x, workers=2, min_part=100), x)
+    assert len(outer) <= 2
