@@ -750,17 +750,21 @@ def choose_confidence(
     labels: list[np.ndarray],
     grid=CONF_GRID,
     iou: float = 0.5,
+    tolerance: float = 0.01,
     **predict_kwargs,
 ):
-    """The confidence threshold with the best F1 (IoU ``iou``) on labelled validation images.
+    """A confidence threshold fitted on labelled validation images: F1 (IoU ``iou``) at its best.
 
-    Detect once at the lowest threshold of ``grid``, then score every threshold. Use
-    held-out images that are not the test set (the threshold is a fitted parameter).
+    Detect once at the lowest threshold of ``grid``, then score every threshold. Near its
+    maximum F1 is flat and the argmax moves with the few images at hand, so the lowest
+    threshold whose F1 is within ``tolerance`` of the best is returned: it keeps recall,
+    which counts and swelling (a missed large cavity weighs d^3) need most. Use held-out
+    images that are not the test set (the threshold is a fitted parameter).
 
     Returns
     -------
     conf
-        The best threshold.
+        The chosen threshold.
     table
         pandas DataFrame: threshold, precision, recall, F1.
     """
@@ -782,7 +786,8 @@ def choose_confidence(
             }
         )
     table = pd.DataFrame(rows)
-    return float(table.loc[table["f1"].idxmax(), "conf"]), table
+    near_best = table[table["f1"] >= table["f1"].max() - tolerance]
+    return float(near_best["conf"].min()), table
 
 
 def update_metadata(model_dir: str | Path, **entries) -> dict:
