@@ -1942,8 +1942,8 @@ def train_phase(
         Where the search trials go (resumable), default ``data/cache/regress``.
     n_candidates
         Beam directions the hybrid searches around each seed; 0: the smallest neighbourhood
-        that keeps the hybrid within 0.2 deg of template matching on the fine-tuning
-        patterns (:func:`calibrate_neighbourhood`).
+        that keeps the hybrid within 0.2 deg of template matching on freshly rendered
+        patterns at orientations the regressor never saw (:func:`calibrate_neighbourhood`).
     """
     from . import match
 
@@ -1978,7 +1978,10 @@ def train_phase(
     lib = match.build_library([phase], settings=settings)
     local = LocalTemplates.from_library(lib, phase)
     if not n_candidates:
-        n_candidates = calibrate_neighbourhood(ft, xt, qt, local) if len(xt) else local.size
+        # on orientations the regressor never saw (rendered afresh): calibrating on the
+        # fine-tuning patterns would trust seeds the network has learnt by heart
+        xc, qc = rendered_set(phase, min(max(len(xt), 200), 1000), settings, rng=rng)
+        n_candidates = calibrate_neighbourhood(ft, xc, qc, local)
     min_corr = calibrate_fallback(ft, xt, qt, local, n_candidates) if len(xt) else 0.0
     errors, timing = {}, {}
     preds = {}
@@ -2053,8 +2056,10 @@ def calibrate_neighbourhood(
 ) -> int:
     """How many beam directions the hybrid must search around the regressor's seeds.
 
-    On labelled real patterns (the fine-tuning set) the hybrid (no fallback) is run with
-    neighbourhoods of ``sizes`` templates; the smallest whose median disorientation (modulo
+    On labelled patterns the regressor was not trained on (orientations it never saw:
+    calibrating on its training patterns would trust seeds it has learnt by heart) the
+    hybrid (no fallback) is run with neighbourhoods of ``sizes`` templates; the smallest
+    whose median disorientation (modulo
     the beam flip) is within ``tolerance`` deg of template matching over the whole phase,
     with no more patterns off by over 10 deg, is returned (the whole library when none is):
     a regressor that seeds well gets a small, fast neighbourhood, a poor one the full search.
