@@ -1052,8 +1052,9 @@ def hybrid_refine(
     )
     quats, corr, rel = r.quaternions[:, 0].copy(), r.correlation[:, 0].copy(), r.reliability.copy()
     dist = match.beam_direction_angle(seeds, quats, pt.symmetry)
-    radius = pt.nearest(seeds, n_candidates)[1]
-    fb = (corr < min_correlation) | (dist > rim_fraction * radius)
+    fb = corr < min_correlation
+    if rim_fraction < 1:  # the neighbourhood's radius, only when the rim rule is on
+        fb |= dist > rim_fraction * pt.nearest(seeds, n_candidates)[1]
     if library is not None and fb.any():
         lib1 = library.restrict([pt.phase.name])
         full = match.match_descriptors(desc[fb], lib1, n_best=1, normalization="none")
