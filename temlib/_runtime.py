@@ -134,6 +134,11 @@ def auto_model(**kwargs):
 _in_part = threading.local()
 
 
+def in_part() -> bool:
+    """Whether this thread is running a part of :func:`split_apply` (no further splitting)."""
+    return bool(getattr(_in_part, "active", False))
+
+
 def split_apply(f, *arrays, workers: int | None = None, min_part: int = 256):
     """``f(*parts)`` on contiguous parts of ``arrays`` (split along axis 0) in parallel threads.
 
@@ -150,7 +155,7 @@ def split_apply(f, *arrays, workers: int | None = None, min_part: int = 256):
     n = len(arrays[0])
     workers = n_threads() if workers is None else max(1, int(workers))
     k = min(workers, n // max(min_part, 1))
-    if k <= 1 or getattr(_in_part, "active", False):
+    if k <= 1 or in_part():
         return f(*arrays)
     from concurrent.futures import ThreadPoolExecutor
 

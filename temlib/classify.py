@@ -804,11 +804,22 @@ class PhaseClassifier:
         calibration = _check_calibration(calibration)
         if centers is not None:
             centers = np.asarray(centers, float).reshape(len(p), 2)
+        if centers is None:
+            centers = _runtime_split(
+                lambda a: io.find_direct_beam(
+                    a, radius=self.preprocessing.beam_search * min(a.shape[1:])
+                ),
+                p,
+            )
         out = np.empty((len(p), len(self.phases)), np.float32)
-        for i in range(0, len(p), batch_size):
-            c = None if centers is None else centers[i : i + batch_size]
-            x = preprocess(p[i : i + batch_size], calibration, self.preprocessing, centers=c)
-            out[i : i + batch_size] = self.predict_inputs(x, batch_size)
+        block = max(batch_size, 4096)  # preprocessed at once (16 KB each), on every core
+        for i in range(0, len(p), block):
+            x = _runtime_split(
+                lambda a, c: preprocess(a, calibration, self.preprocessing, centers=c),
+                p[i : i + block],
+                centers[i : i + block],
+            )
+            out[i : i + block] = self.predict_inputs(x, batch_size)
         return out
 
     def predict(
@@ -1239,6 +1250,12 @@ def _runtime_keras():
     from . import _runtime
 
     return _runtime.keras()
+
+
+def _runtime_split(f, *arrays, **kwargs):
+    from . import _runtime
+
+    return _runtime.split_apply(f, *arrays, **kwargs)
 
 
 # --------------------------------------------------------------------------------------

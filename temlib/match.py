@@ -814,110 +814,126 @@ def match_descriptors(
         raise ValueError(
             "normalization='calibrated' needs a phase calibration; fit one with fit_phase_calibration or use 'zscore'"
         )
-    parts = []
-    for a in tqdm(
-        range(0, len(desc), batch), desc="matching", unit="batch", disable=not show_progressbar
-    ):
-        d = desc[a : a + batch]
-        n = len(d)
-        ef = np.ascontiguousarray(fft.rfft(d, axis=-1).transpose(2, 0, 1)).astype(
-            np.complex64
-        )  # (K, n, R)
-        cands = []
-        p_corr = np.full((n, n_ph), np.nan)
-        p_z = np.full((n, n_ph), np.nan)
-        p_mean = np.full((n, n_ph), np.nan)
-        p_base = np.full((n, n_ph), np.nan)
-        for p, pt in enumerate(library.phases):
-            rows = (
-                np.arange(n)
+    from . import _runtime
+
+    def serial(desc, phase_of, near) -> MatchResult:
+        parts = []
+        for a in tqdm(
+            range(0, len(desc), batch), desc="matching", unit="batch", disable=not show_progressbar
+        ):
+            d = desc[a : a + batch]
+            n = len(d)
+            ef = np.ascontiguousarray(fft.rfft(d, axis=-1).transpose(2, 0, 1)).astype(
+                np.complex64
+            )  # (K, n, R)
+            cands = []
+            p_corr = np.full((n, n_ph), np.nan)
+            p_z = np.full((n, n_ph), np.nan)
+            p_mean = np.full((n, n_ph), np.nan)
+            p_base = np.full((n, n_ph), np.nan)
+            for p, pt in enumerate(library.phases):
+                rows = (
+                    np.arange(n)
+                    if phase_of is None
+                    else np.flatnonzero(np.asarray(phase_of)[a : a + batch] == p)
+                )
+                if rows.size == 0:
+                    cands.append(None)
+                    continue
+                m = rows.size
+                allowed = (
+                    None if near is None else pt.nearest(np.asarray(near[0])[a + rows], near[1])[0]
+                )
+                top, val, ang, z = _phase_candidates(
+                    ef[:, rows], pt, st.n_theta, n_cand, n_keep, allowed
+                )
+                # mirrored descriptor matched template t at angle a <=> mirrored template t (index
+                # t + T, orientation R_t * C2y) at angle -a matches the pattern itself
+                top = np.concatenate([top[:m], top[m:] + pt.size], axis=1)
+                ang = np.concatenate([ang[:m], np.mod(-ang[m:], 180.0)], axis=1)
+                val = np.concatenate([val[:m], val[m:]], axis=1)
+                z = np.stack(
+                    [np.maximum(z[:m, 0], z[m:, 0]), 0.5 * (z[:m, 1] + z[m:, 1]), z[:m, 2]], axis=1
+                )
+                order = np.argsort(-val, axis=1)[:, :n_cand]
+                top, val, ang = (np.take_along_axis(x, order, axis=1) for x in (top, val, ang))
+                full = [np.zeros((n, top.shape[1]), t) for t in (np.int64, np.float64, np.float64)]
+                for f_, v_ in zip(full, (top, val, ang), strict=True):
+                    f_[rows] = v_
+                cands.append(full)
+                p_corr[rows, p] = val[:, 0]
+                p_z[rows, p] = z[:, 0]
+                p_mean[rows, p] = z[:, 1]
+                p_base[rows, p] = z[:, 2]
+            scores = _phase_scores(p_corr, p_z, p_mean, mode, library.phase_calibration)
+            choice = (
+                np.nan_to_num(scores, nan=-np.inf).argmax(axis=1)
                 if phase_of is None
-                else np.flatnonzero(np.asarray(phase_of)[a : a + batch] == p)
+                else np.asarray(phase_of)[a : a + batch]
             )
-            if rows.size == 0:
-                cands.append(None)
-                continue
-            m = rows.size
-            allowed = (
-                None if near is None else pt.nearest(np.asarray(near[0])[a + rows], near[1])[0]
+            srt = np.sort(np.nan_to_num(scores, nan=-np.inf), axis=1)
+            s1 = srt[:, -1]
+            s2 = srt[:, -2] if n_ph > 1 else np.full(n, -np.inf)
+            if phase_of is None and n_ph > 1:
+                phase_rel = 100 * (1 - np.clip(s2, 0, None) / np.where(s1 > 0, s1, np.inf))
+            else:
+                phase_rel = np.full(n, np.nan)
+            k = cands[next(i for i, c in enumerate(cands) if c is not None)][0].shape[1]
+            tmpl = np.zeros((n, k), np.int64)
+            val = np.zeros((n, k))
+            ang = np.zeros((n, k))
+            quat = np.zeros((n, k, 4))
+            rel = np.zeros(n)
+            for p, pt in enumerate(library.phases):
+                rows = np.flatnonzero(choice == p)
+                if rows.size == 0:
+                    continue
+                t_, v_, a_ = (x[rows][:, :k] for x in cands[p])
+                tmpl[rows], val[rows], ang[rows] = t_, v_, a_
+                q = _qmul(pt.quaternions_ext[t_], _rz(-np.radians(a_)))
+                quat[rows] = q
+                mis = misorientation_deg(q[:, :1], q, pt.symmetry, modulo_flip=True)  # (rows, k)
+                far = mis >= min_angle
+                if distinct_beam:  # also a different beam direction (Laue group, either sign)
+                    far &= beam_direction_angle(q[:, :1], q, pt.symmetry) >= min_angle
+                q2 = np.where(far, v_, -np.inf).max(axis=1)
+                q2 = np.where(
+                    np.isfinite(q2), q2, v_[:, -1]
+                )  # none that far: the k-th is an upper bound
+                b = p_base[rows, p]
+                q1b = v_[:, 0] - b
+                rel[rows] = 100 * np.clip(1 - (q2 - b) / np.where(q1b > 0, q1b, np.inf), 0, 1)
+            parts.append(
+                MatchResult(
+                    phase_index=choice.astype(np.int64),
+                    quaternions=quat[:, :n_best],
+                    correlation=val[:, :n_best],
+                    inplane=ang[:, :n_best],
+                    template=tmpl[:, :n_best],
+                    reliability=rel,
+                    phase_reliability=phase_rel,
+                    phase_scores=scores,
+                    phase_corr=p_corr,
+                    phase_z=p_z,
+                    phase_mean=p_mean,
+                )
             )
-            top, val, ang, z = _phase_candidates(
-                ef[:, rows], pt, st.n_theta, n_cand, n_keep, allowed
-            )
-            # mirrored descriptor matched template t at angle a <=> mirrored template t (index
-            # t + T, orientation R_t * C2y) at angle -a matches the pattern itself
-            top = np.concatenate([top[:m], top[m:] + pt.size], axis=1)
-            ang = np.concatenate([ang[:m], np.mod(-ang[m:], 180.0)], axis=1)
-            val = np.concatenate([val[:m], val[m:]], axis=1)
-            z = np.stack(
-                [np.maximum(z[:m, 0], z[m:, 0]), 0.5 * (z[:m, 1] + z[m:, 1]), z[:m, 2]], axis=1
-            )
-            order = np.argsort(-val, axis=1)[:, :n_cand]
-            top, val, ang = (np.take_along_axis(x, order, axis=1) for x in (top, val, ang))
-            full = [np.zeros((n, top.shape[1]), t) for t in (np.int64, np.float64, np.float64)]
-            for f_, v_ in zip(full, (top, val, ang), strict=True):
-                f_[rows] = v_
-            cands.append(full)
-            p_corr[rows, p] = val[:, 0]
-            p_z[rows, p] = z[:, 0]
-            p_mean[rows, p] = z[:, 1]
-            p_base[rows, p] = z[:, 2]
-        scores = _phase_scores(p_corr, p_z, p_mean, mode, library.phase_calibration)
-        choice = (
-            np.nan_to_num(scores, nan=-np.inf).argmax(axis=1)
-            if phase_of is None
-            else np.asarray(phase_of)[a : a + batch]
+        if not parts:
+            raise ValueError("No descriptors to match; expected at least one pattern")
+        return MatchResult.concatenate(parts)
+
+    if show_progressbar:  # one bar over the batches
+        return serial(desc, phase_of, near)
+
+    def part(d, i):  # patterns are matched independently: parts of the stack on every core
+        r = serial(
+            d,
+            None if phase_of is None else np.asarray(phase_of)[i],
+            None if near is None else (np.asarray(near[0])[i], near[1]),
         )
-        srt = np.sort(np.nan_to_num(scores, nan=-np.inf), axis=1)
-        s1 = srt[:, -1]
-        s2 = srt[:, -2] if n_ph > 1 else np.full(n, -np.inf)
-        if phase_of is None and n_ph > 1:
-            phase_rel = 100 * (1 - np.clip(s2, 0, None) / np.where(s1 > 0, s1, np.inf))
-        else:
-            phase_rel = np.full(n, np.nan)
-        k = cands[next(i for i, c in enumerate(cands) if c is not None)][0].shape[1]
-        tmpl = np.zeros((n, k), np.int64)
-        val = np.zeros((n, k))
-        ang = np.zeros((n, k))
-        quat = np.zeros((n, k, 4))
-        rel = np.zeros(n)
-        for p, pt in enumerate(library.phases):
-            rows = np.flatnonzero(choice == p)
-            if rows.size == 0:
-                continue
-            t_, v_, a_ = (x[rows][:, :k] for x in cands[p])
-            tmpl[rows], val[rows], ang[rows] = t_, v_, a_
-            q = _qmul(pt.quaternions_ext[t_], _rz(-np.radians(a_)))
-            quat[rows] = q
-            mis = misorientation_deg(q[:, :1], q, pt.symmetry, modulo_flip=True)  # (rows, k)
-            far = mis >= min_angle
-            if distinct_beam:  # also a different beam direction (Laue group, either sign)
-                far &= beam_direction_angle(q[:, :1], q, pt.symmetry) >= min_angle
-            q2 = np.where(far, v_, -np.inf).max(axis=1)
-            q2 = np.where(
-                np.isfinite(q2), q2, v_[:, -1]
-            )  # none that far: the k-th is an upper bound
-            b = p_base[rows, p]
-            q1b = v_[:, 0] - b
-            rel[rows] = 100 * np.clip(1 - (q2 - b) / np.where(q1b > 0, q1b, np.inf), 0, 1)
-        parts.append(
-            MatchResult(
-                phase_index=choice.astype(np.int64),
-                quaternions=quat[:, :n_best],
-                correlation=val[:, :n_best],
-                inplane=ang[:, :n_best],
-                template=tmpl[:, :n_best],
-                reliability=rel,
-                phase_reliability=phase_rel,
-                phase_scores=scores,
-                phase_corr=p_corr,
-                phase_z=p_z,
-                phase_mean=p_mean,
-            )
-        )
-    if not parts:
-        raise ValueError("No descriptors to match; expected at least one pattern")
-    return MatchResult.concatenate(parts)
+        return tuple(getattr(r, f.name) for f in dataclasses.fields(MatchResult))
+
+    return MatchResult(*_runtime.split_apply(part, desc, np.arange(len(desc)), min_part=batch))
 
 
 def solution_descriptor(library: Library, result: MatchResult, i: int, rank: int = 0) -> np.ndarray:

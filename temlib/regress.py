@@ -1546,13 +1546,7 @@ def index_patterns(
         tm = match.match_descriptors(desc, models.library, n_best=1)
         phase_of = np.array([models.phases.index(models.library.names[i]) for i in tm.phase_index])
     if phase_of is None:
-        from . import classify
-
-        prep = models.classifier.preprocessing
-        x = _runtime.split_apply(
-            lambda a, c: classify.preprocess(a, calibration, prep, centers=c), p, centers
-        )
-        pr = models.classifier.predict_inputs(x)
+        pr = models.classifier.predict_proba(p, calibration, centers=centers)
         phase_of = pr.argmax(axis=1)
         prob = pr[np.arange(n), phase_of]
     phase_of = np.asarray(phase_of, np.int64).reshape(n)
@@ -1578,23 +1572,14 @@ def index_patterns(
             res.quaternions[sel] = seeds
             res.branch[sel] = BRANCH_CODES["ml"]
             continue
-        local, kw = models.local(ph), models.hybrid.get(ph, {})
-        q, corr, rel, fb = _runtime.split_apply(
-            lambda d, s, local=local, kw=kw: _hybrid_arrays(
-                hybrid_refine(d, s, local, models.library, **kw)
-            ),
-            desc[sel],
-            seeds,
+        h = hybrid_refine(
+            desc[sel], seeds, models.local(ph), models.library, **models.hybrid.get(ph, {})
         )
-        res.quaternions[sel] = q
-        res.correlation[sel] = corr
-        res.reliability[sel] = rel
-        res.branch[sel] = np.where(fb, BRANCH_CODES["tm"], BRANCH_CODES["hybrid"])
+        res.quaternions[sel] = h.quaternions
+        res.correlation[sel] = h.correlation
+        res.reliability[sel] = h.reliability
+        res.branch[sel] = np.where(h.fallback, BRANCH_CODES["tm"], BRANCH_CODES["hybrid"])
     return res
-
-
-def _hybrid_arrays(h: HybridResult) -> tuple:
-    return h.quaternions, h.correlation, h.reliability, h.fallback
 
 
 def to_crystal_map(
