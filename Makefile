@@ -14,8 +14,8 @@ setup: $(STAMP)                       ## create .venv and install temlib with ev
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[all]" -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e ".[all]" -c constraints.txt
 	touch $(STAMP)
 
 reports: setup                        ## run every notebook on PROFILE, write reports/*.html + index.html
