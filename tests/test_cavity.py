@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from temlib import cavity as cv
 from temlib import cli, detect
@@ -138,6 +139,7 @@ def test_generate_dataset_and_backgrounds(tmp_path, rng):
         (dict(nm_per_px=(1.0, 0.5)), "reversed"),
         (dict(faceted_fraction=1.5), "faceted_fraction 1.5"),
         (dict(size=8), "too small"),
+        (dict(noise=(0.0, 0.1)), "starts at zero"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -282,3 +284,22 @@ def test_cavity_wider_than_the_frame_is_placed(rng):
     cfg = cv.GeneratorConfig(size=32, d_median_nm_range=(60, 60), d_sigma=0.0, edge_fraction=0.0)
     cavs = cv.place_cavities(rng, 1, (32, 32), 1.0, cfg)
     assert len(cavs) == 1 and cavs[0].row == pytest.approx(16) and cavs[0].col == pytest.approx(16)
+
+
+def _noise_stats(image: np.ndarray) -> tuple[float, float]:
+    """Pixel noise / mean level and lag-1 correlation of the noise (fine residual)."""
+    f = image.astype(float)
+    r = f - ndi.gaussian_filter(f, 2.0)
+    rho = ((r[:, :-1] * r[:, 1:]).mean() + (r[:-1] * r[1:]).mean()) / 2 / (r * r).mean()
+    return float(r.std() / f.mean()), float(rho)
+
+
+def test_embedded_background_noise_spans_white_to_correlated():
+    # the planted noise level comes back, and both white and correlated noise are drawn
+    rng = np.random.default_rng(3)
+    got = [cv.synthetic_background((256, 256), rng, noise=0.1) for _ in range(12)]
+    stats = np.array([_noise_stats(g) for g in got])
+    assert stats[:, 1].min() < 0.15 and stats[:, 1].max() > 0.4
+    quiet = _noise_stats(cv.synthetic_background((256, 256), 4, noise=0.02))[0]
+    loud = _noise_stats(cv.synthetic_background((256, 256), 4, noise=0.2))[0]
+    assert loud > 4 * quiet

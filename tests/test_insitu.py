@@ -116,3 +116,20 @@ def test_real_readers(shared_data):
     assert len(ims) == 12 and sum(len(b) for b in boxes) == 1175
     assert set(np.unique(np.concatenate(boxes)[:, 0])) == {0.0, 1.0}
     assert len(insitu.fecral_video_frames()) == 150
+
+
+def test_camera_detector_blur_correlates_the_shot_noise():
+    # a flat foil through the camera: white shot noise without detector blur, correlated
+    # noise (lag-1 correlation exp(-1 / (4 sigma^2)) ~ 0.6 at 1 px) with it
+    import dataclasses
+
+    flat = np.ones((256, 256))
+    style = insitu._random_style(np.random.default_rng(0), randomize=False)
+    rho = {}
+    for blur in (0.0, 1.0):
+        s = dataclasses.replace(style, detector_blur=blur, blur=0.0, read_noise=0.0)
+        f = insitu._finish(flat, s, np.random.default_rng(1)).astype(float)
+        r = f - f.mean()
+        rho[blur] = ((r[:, :-1] * r[:, 1:]).mean() + (r[:-1] * r[1:]).mean()) / 2 / r.var()
+    assert abs(rho[0.0]) < 0.05
+    assert 0.45 < rho[1.0] < 0.85
