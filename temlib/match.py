@@ -1370,6 +1370,62 @@ def reliability_curve(
     return pd.DataFrame(rows)
 
 
+def agreement_table(
+    q_a: np.ndarray,
+    q_b: np.ndarray,
+    phase: Phase,
+    reliability: np.ndarray,
+    edges=(0, 5, 10, 15, 20, 25, 100),
+):
+    """How two indexings of the same patterns agree, by the reliability of the first.
+
+    Without ground truth (a real map), agreement between two independent matchers on the
+    patterns one of them finds unambiguous is the check that is left; on ambiguous patterns
+    (vacuum, a single systematic row, overlapping crystals) disagreement is expected.
+
+    Parameters
+    ----------
+    q_a, q_b
+        (N, 4) best orientations of each method (sample -> crystal).
+    phase
+        The orix phase both indexed (its Laue group decides the disorientation).
+    reliability
+        (N,) reliability (0-100) of method a, which the rows bin.
+    edges
+        Reliability bin edges.
+
+    Returns
+    -------
+    pandas DataFrame per reliability bin: ``n``, ``agree_median`` (deg, modulo the beam
+    flip), ``agree_<2``, ``agree_<5`` (fractions), plus an ``all`` row.
+    """
+    import pandas as pd
+
+    q_a = np.asarray(q_a, float).reshape(-1, 4)
+    q_b = np.asarray(q_b, float).reshape(-1, 4)
+    rel = np.asarray(reliability, float).ravel()
+    if not (len(q_a) == len(q_b) == len(rel)):
+        raise ValueError(
+            f"{len(q_a)} and {len(q_b)} orientations for {len(rel)} reliabilities; expected one each"
+        )
+    d = misorientation_deg(q_a, q_b, proper_symmetry(phase), modulo_flip=True)
+    rows = []
+    bins = list(zip(edges[:-1], edges[1:], strict=True)) + [(-np.inf, np.inf)]
+    for lo, hi in bins:
+        m = (rel >= lo) & (rel < hi)
+        label = "all" if np.isinf(lo) else f"{lo:g}-{hi:g}"
+        rows.append(
+            {
+                "reliability": label,
+                "n": int(m.sum()),
+                "agree_median": float(np.median(d[m])) if m.any() else np.nan,
+                "agree_<2": float((d[m] < 2).mean()) if m.any() else np.nan,
+                "agree_<5": float((d[m] < 5).mean()) if m.any() else np.nan,
+            }
+        )
+    return pd.DataFrame(rows).set_index("reliability")
+
+
 # --------------------------------------------------------------------------------------
 # The peer: pyxem 0.21 get_orientation on the same library and data
 # --------------------------------------------------------------------------------------

@@ -166,3 +166,73 @@ def gallery(
         fig.suptitle(suptitle)
     fig.tight_layout()
     return fig
+
+
+def spot_overlay(
+    ax,
+    pattern: np.ndarray,
+    calibration: float,
+    phase,
+    solutions: dict,
+    kv: float = 200.0,
+    max_excitation_error: float = 0.03,
+    center=None,
+    g_max: float | None = None,
+) -> None:
+    """Draw a pattern (high-passed so weak spots show) with the kinematic spots of orientations.
+
+    Parameters
+    ----------
+    ax
+        Matplotlib axes.
+    pattern
+        (M, N) raw pattern.
+    calibration
+        1/Å per px.
+    phase
+        orix ``Phase`` (with structure) the solutions belong to.
+    solutions
+        ``{label: (4,) quaternion}`` (sample -> crystal), each drawn with its own marker.
+    kv, max_excitation_error
+        Beam energy and relrod half-width (1/Å) of the drawn spots.
+    center
+        (row, col) of the direct beam; default found (:func:`temlib.io.find_direct_beam`).
+    g_max
+        Largest |g| drawn (1/Å); default the pattern's half-width.
+    """
+    from orix.quaternion import Rotation
+    from scipy import ndimage as ndi
+
+    from . import io, simulate
+
+    p = np.asarray(pattern, float)
+    if center is None:
+        center = io.find_direct_beam(p[None].astype(np.float32))[0]
+    hp = ndi.gaussian_filter(p, 1.0) - ndi.gaussian_filter(p, 4.0)
+    ax.imshow(np.clip(hp, 0, np.percentile(hp, 99.7)), cmap="gray", interpolation="nearest")
+    g_max = g_max or 0.5 * min(p.shape) * calibration
+    refl = simulate.reflections(phase, g_max=g_max)
+    markers = ["o", "s", "D", "^"]
+    colors = ["tab:red", "tab:cyan", "tab:orange", "tab:green"]
+    for k, (label, q) in enumerate(solutions.items()):
+        xy, _, idx = simulate.kinematic_spots(
+            refl,
+            Rotation(np.asarray(q, float).reshape(1, 4)),
+            kv=kv,
+            max_excitation_error=max_excitation_error,
+        )
+        keep = idx[0] >= 0
+        ax.scatter(
+            center[1] + xy[0, keep, 0] / calibration,
+            center[0] + xy[0, keep, 1] / calibration,
+            s=50,
+            facecolors="none",
+            edgecolors=colors[k % 4],
+            marker=markers[k % 4],
+            lw=1.0,
+            label=label,
+        )
+    ax.plot(center[1], center[0], "+", color="yellow")
+    ax.set_xlim(0, p.shape[1] - 1)
+    ax.set_ylim(p.shape[0] - 1, 0)
+    ax.set_axis_off()

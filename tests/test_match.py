@@ -240,3 +240,56 @@ def test_ipf_colours_best_solution_and_key():
     assert several.shape == (3, 4, 3)
     np.testing.assert_allclose(several, best)
     np.testing.assert_allclose(best[0, 0], [1, 0, 0], atol=1e-6)  # cubic key: [001] is red
+
+
+def test_agreement_table_planted(rng):
+    """Identical and beam-flipped answers agree (0 deg); random answers do not; bins by reliability."""
+    from temlib.synth import random_quaternions
+
+    ferrite = crystal.get_phase("ferrite")
+    q = random_quaternions(60, rng)
+    flipped = M.beam_flip(Rotation(q)).data
+    other = random_quaternions(60, rng)
+    q_b = np.concatenate([flipped[:30], other[30:]])
+    rel = np.r_[np.full(30, 30.0), np.full(30, 2.0)]  # agreeing half reliable, the rest not
+    t = M.agreement_table(q, q_b, ferrite, rel)
+    assert t.loc["25-100", "n"] == 30 and t.loc["25-100", "agree_median"] < 1e-3
+    assert t.loc["25-100", "agree_<2"] == 1.0
+    assert t.loc["0-5", "n"] == 30 and t.loc["0-5", "agree_<5"] < 0.2
+    assert t.loc["all", "n"] == 60
+    with pytest.raises(ValueError, match="expected one each"):
+        M.agreement_table(q, q_b[:10], ferrite, rel)
+
+
+def test_spot_overlay_draws_the_planted_spots(rng):
+    """The overlay puts its markers on the spots of a pattern simulated at the same orientation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from temlib import plots
+
+    q = _rich_orientations("ferrite", 1, rng)
+    pats, xy, _ = _render(q, crystal.get_phase("ferrite"), rng, noise=False)
+    fig, ax = plt.subplots()
+    plots.spot_overlay(
+        ax,
+        pats[0],
+        0.02,
+        crystal.get_phase("ferrite"),
+        {"truth": q[0]},
+        kv=200,
+        max_excitation_error=0.05,
+    )
+    offsets = ax.collections[0].get_offsets()
+    plt.close(fig)
+    assert len(offsets) >= 10
+    r = np.clip(np.round(offsets[:, 1]).astype(int), 0, pats.shape[1] - 1)
+    c = np.clip(np.round(offsets[:, 0]).astype(int), 0, pats.shape[2] - 1)
+    on_spots = pats[0][r, c]
+    inside = (
+        (offsets[:, 0] > 2) & (offsets[:, 0] < 141) & (offsets[:, 1] > 2) & (offsets[:, 1] < 141)
+    )
+    background = np.median(pats[0])
+    assert np.mean(on_spots[inside] > background + 5) > 0.9
