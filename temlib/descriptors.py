@@ -237,12 +237,21 @@ def _finish(
     return (desc / np.where(norm > 0, norm, 1)).astype(np.float32)
 
 
-def descriptors_from_polar(polar: np.ndarray, settings: DescriptorSettings) -> np.ndarray:
-    """Background removal, intensity transform, folding and normalisation of (N, n_r, 2 n_theta) polar images."""
+def descriptors_from_polar(
+    polar: np.ndarray, settings: DescriptorSettings, unfolded: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Background removal, intensity transform, folding and normalisation of (N, n_r, 2 n_theta) polar images.
+
+    With ``unfolded``, also the same descriptor before folding, (N, n_r, 2 n_theta) over
+    [0, 360) deg: what tells an orientation from its 180-deg turn about the beam
+    (:func:`temlib.match.resolve_beam_flip`).
+    """
     x = _remove_background(np.asarray(polar, np.float32), settings)
     x = np.sqrt(x) if settings.gamma == 0.5 else x**settings.gamma
-    x = x[..., : settings.n_theta] + x[..., settings.n_theta :]
-    return _finish(x, settings.zero_mean, settings)
+    folded = _finish(
+        x[..., : settings.n_theta] + x[..., settings.n_theta :], settings.zero_mean, settings
+    )
+    return (folded, _finish(x, settings.zero_mean, settings)) if unfolded else folded
 
 
 def pattern_descriptors(
@@ -250,7 +259,8 @@ def pattern_descriptors(
     calibration: float,
     centers: np.ndarray | None = None,
     settings: DescriptorSettings | None = None,
-) -> np.ndarray:
+    unfolded: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Descriptors of a stack of raw patterns.
 
     Parameters
@@ -263,10 +273,12 @@ def pattern_descriptors(
         (N, 2) direct-beam centres (row, col) in px; default :func:`temlib.io.find_direct_beam`.
     settings
         Default :func:`load_settings` (the tuned ones).
+    unfolded
+        Also return the descriptors before folding (see :func:`descriptors_from_polar`).
 
     Returns
     -------
-    (N, n_r, n_theta) float32, unit L2 norm each.
+    (N, n_r, n_theta) float32, unit L2 norm each (and (N, n_r, 2 n_theta) with ``unfolded``).
     """
     from . import io
 
@@ -282,7 +294,9 @@ def pattern_descriptors(
 
     def part(a, c):
         a = prefilter(a, calibration, settings)
-        return descriptors_from_polar(polar_transform(a, calibration, c, settings), settings)
+        return descriptors_from_polar(
+            polar_transform(a, calibration, c, settings), settings, unfolded
+        )
 
     return _runtime.split_apply(part, p, centers)  # parts of the stack on every core
 
@@ -344,6 +358,7 @@ def template_descriptors(
     intensity: np.ndarray,
     settings: DescriptorSettings | None = None,
     batch: int = 1024,
+    unfolded: bool = False,
 ) -> np.ndarray:
     """Descriptors of simulated spot lists, drawn on the folded polar grid.
 
@@ -357,6 +372,9 @@ def template_descriptors(
         Default :func:`load_settings`.
     batch
         Templates drawn at once.
+    unfolded
+        Draw on the unfolded grid over [0, 360) deg instead, (T, n_r, 2 n_theta): a spot
+        and its Friedel mate stay apart.
 
     Returns
     -------
@@ -374,13 +392,16 @@ def template_descriptors(
         xy = np.take_along_axis(xy, order[..., None], axis=1)
         inten = np.take_along_axis(inten, order, axis=1)
     rb = radii(settings).astype(np.float32)
-    th = azimuths(settings).astype(np.float32)
+    period = 2 * np.pi if unfolded else np.pi
+    th = (np.arange(settings.n_theta * (2 if unfolded else 1)) * np.pi / settings.n_theta).astype(
+        np.float32
+    )
     s2 = np.float32(2 * settings.sigma**2)
-    out = np.empty((len(xy), *settings.shape), np.float32)
+    out = np.empty((len(xy), settings.n_r, len(th)), np.float32)
     for a in range(0, len(xy), batch):
         sx, si = xy[a : a + batch], inten[a : a + batch]
         r = np.hypot(sx[..., 0], sx[..., 1])
-        t = np.mod(np.arctan2(sx[..., 1], sx[..., 0]), np.pi)
+        t = np.mod(np.arctan2(sx[..., 1], sx[..., 0]), period)
         imax = si.max(axis=1, keepdims=True)
         w = np.where(
             si > 0, (si / np.where(imax > 0, imax, 1)) ** settings.template_gamma, 0
@@ -391,7 +412,7 @@ def template_descriptors(
             0,
         )
         radial = np.exp(-((rb[None, None, :] - r[..., None]) ** 2) / s2)  # (B, S, n_r)
-        d = np.mod(th[None, None, :] - t[..., None] + np.pi / 2, np.pi) - np.pi / 2
+        d = np.mod(th[None, None, :] - t[..., None] + period / 2, period) - period / 2
         arc = np.exp(-((r[..., None] * d) ** 2) / s2)  # (B, S, n_theta)
         out[a : a + batch] = np.matmul((radial * w[..., None]).transpose(0, 2, 1), arc)
     return _finish(out, settings.zero_mean, settings)

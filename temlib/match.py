@@ -34,12 +34,15 @@ Mirrored templates
     its azimuthal spectrum, so every pattern is also matched mirrored, at no memory cost;
     template indices ``>= T`` in the results are those mirrored templates.
 The 180-degree ambiguity
-    Kinematic patterns are centrosymmetric: orientation ``R`` and ``R * Rz(180)`` (turned
-    half a turn about the beam) give the same pattern. The descriptors are folded, so
-    the matcher reports the in-plane angle in [0, 180) and the orientation
-    ``R_template * Rz(-angle)``; the other candidate is :func:`beam_flip` of it. Both are
-    equally good answers; :func:`orientation_errors` reports errors strictly and modulo
-    the flip.
+    Orientation ``R`` and ``R * Rz(180)`` (turned half a turn about the beam) give the
+    same spot positions, and on a flat Ewald sphere the same pattern. The descriptors are
+    folded, so :func:`match_descriptors` reports the in-plane angle in [0, 180) and the
+    orientation ``R_template * Rz(-angle)``; the other candidate is :func:`beam_flip` of
+    it. The curved Ewald sphere excites ``g`` and ``-g`` unequally off a zone axis, so
+    from raw patterns (:func:`match_patterns`, ``temlib index``) the best solution's flip
+    is then decided on the unfolded descriptor (:func:`resolve_beam_flip`) and its
+    ``flip_confidence`` reported (near 0: the pattern cannot tell; take both).
+    :func:`orientation_errors` reports errors strictly and modulo the flip.
 
 Orientations follow orix: a rotation maps sample to crystal; a template's pattern turned
 by ``phi`` about the beam (counter-clockwise in the (x, y) = (col, row) frame of
@@ -538,7 +541,8 @@ class MatchResult:
     phase_index
         (N,) index into ``library.phases`` of the chosen phase.
     quaternions
-        (N, n_best, 4) orientations (sample -> crystal), best first; in-plane angle in [0, 180).
+        (N, n_best, 4) orientations (sample -> crystal), best first; in-plane angle in [0, 180)
+        (the best one's in [0, 360) once its beam flip is decided, :func:`flip_result`).
     correlation
         (N, n_best) cosine correlation of the solutions.
     inplane
@@ -557,6 +561,10 @@ class MatchResult:
         (N, P) that correlation as a z-score over the phase's templates (coarse screen).
     phase_mean
         (N, P) mean correlation over the phase's templates (coarse screen).
+    flip_confidence
+        (N,) how much better the best solution fits the unfolded pattern than its 180-deg
+        turn about the beam (:func:`resolve_beam_flip`); None when the flip was not decided
+        (the best solution's in-plane angle then lies in [0, 180)).
     """
 
     phase_index: np.ndarray
@@ -570,6 +578,7 @@ class MatchResult:
     phase_corr: np.ndarray
     phase_z: np.ndarray
     phase_mean: np.ndarray
+    flip_confidence: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.phase_index)
@@ -577,10 +586,17 @@ class MatchResult:
     @staticmethod
     def concatenate(parts: list[MatchResult]) -> MatchResult:
         fields = [f.name for f in dataclasses.fields(MatchResult)]
-        return MatchResult(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in fields})
+        return MatchResult(
+            **{
+                k: None
+                if any(getattr(p, k) is None for p in parts)
+                else np.concatenate([getattr(p, k) for p in parts])
+                for k in fields
+            }
+        )
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def _refine(c: np.ndarray, n_theta: int):
@@ -931,7 +947,7 @@ def match_descriptors(
             None if phase_of is None else np.asarray(phase_of)[i],
             None if near is None else (np.asarray(near[0])[i], near[1]),
         )
-        return tuple(getattr(r, f.name) for f in dataclasses.fields(MatchResult))
+        return tuple(getattr(r, f.name) for f in dataclasses.fields(MatchResult)[:-1])
 
     return MatchResult(*_runtime.split_apply(part, desc, np.arange(len(desc)), min_part=batch))
 
@@ -959,9 +975,106 @@ def match_patterns(
     centers: np.ndarray | None = None,
     **kwargs,
 ) -> MatchResult:
-    """Index (N, ky, kx) raw patterns: descriptors (:mod:`temlib.descriptors`) then :func:`match_descriptors`."""
-    desc = descriptors.pattern_descriptors(patterns, calibration, centers, library.settings)
-    return match_descriptors(desc, library, **kwargs)
+    """Index (N, ky, kx) raw patterns: descriptors (:mod:`temlib.descriptors`), :func:`match_descriptors`, then the beam flip of the best solution (:func:`flip_result`)."""
+    desc, unfolded = descriptors.pattern_descriptors(
+        patterns, calibration, centers, library.settings, unfolded=True
+    )
+    return flip_result(match_descriptors(desc, library, **kwargs), unfolded, library)
+
+
+def resolve_beam_flip(
+    unfolded: np.ndarray,
+    quaternions: np.ndarray,
+    phase: Phase,
+    settings: descriptors.DescriptorSettings,
+    kv: float = 200.0,
+    max_excitation_error: float = 0.03,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Choose between each orientation and the same one turned 180 deg about the beam.
+
+    The two give the same spot *positions*, and on a flat Ewald sphere the same
+    intensities, which is why the folded descriptor cannot tell them apart. Off a zone
+    axis the curved sphere excites a reflection ``g`` and its Friedel mate ``-g``
+    unequally (the excitation error differs by ~ lambda |g|^2 / 2 in sign-dependent
+    ways: 0.02 1/Å at 1.3 1/Å and 200 kV, as large as a relrod), so one side of the
+    pattern is brighter. Both candidates are drawn on the unfolded polar grid and the
+    one whose template correlates better with the pattern's unfolded descriptor wins.
+
+    Parameters
+    ----------
+    unfolded
+        (N, n_r, 2 n_theta) unfolded pattern descriptors
+        (:func:`temlib.descriptors.pattern_descriptors` with ``unfolded=True``).
+    quaternions
+        (N, 4) orientations of one phase (sample -> crystal), e.g. the matcher's best.
+    phase
+        Their orix phase (with structure).
+    settings, kv, max_excitation_error
+        Descriptor settings, beam energy (kV) and relrod half-width (1/Å) of the templates.
+
+    Returns
+    -------
+    quaternions
+        (N, 4): the input or its flip, whichever fits better.
+    confidence
+        (N,) correlation of the chosen candidate minus that of the other (>= 0; near 0 on
+        a zone axis or for a pattern without outer spots, where the pattern cannot tell).
+    """
+    from . import simulate
+
+    u = np.asarray(unfolded, np.float32)
+    q = np.asarray(quaternions, float).reshape(-1, 4)
+    if u.ndim != 3 or len(u) != len(q) or u.shape[1:] != (settings.n_r, 2 * settings.n_theta):
+        raise ValueError(
+            f"Unfolded descriptors {u.shape} and orientations {q.shape} do not pair up; expected "
+            f"(N, {settings.n_r}, {2 * settings.n_theta}) and (N, 4)"
+        )
+    if len(q) == 0:
+        return q.copy(), np.zeros(0)
+    from . import _runtime
+
+    refl = simulate.reflections(phase, g_max=_g_max(settings))
+
+    def part(u_, q_):
+        scores = []
+        for cand in (q_, _qmul(q_, RZ180)):
+            xy, inten, _ = simulate.kinematic_spots(
+                refl, Rotation(cand), kv=kv, max_excitation_error=max_excitation_error
+            )
+            t = descriptors.template_descriptors(xy, inten, settings, unfolded=True)
+            scores.append((t * u_).sum(axis=(1, 2)))
+        flip = scores[1] > scores[0]
+        return np.where(flip[:, None], _qmul(q_, RZ180), q_), np.abs(scores[1] - scores[0])
+
+    return _runtime.split_apply(part, u, q)  # parts of the stack on every core
+
+
+def flip_result(result: MatchResult, unfolded: np.ndarray, library: Library) -> MatchResult:
+    """Decide the beam flip of every pattern's best solution in place (:func:`resolve_beam_flip`).
+
+    The best solution's quaternion and in-plane angle (then in [0, 360)) are replaced by
+    the better of the pair, ``flip_confidence`` is set; the other n-best solutions keep
+    their angle in [0, 180) (their flip is :func:`beam_flip`).
+    """
+    conf = np.zeros(len(result))
+    for k, pt in enumerate(library.phases):
+        sel = np.flatnonzero(result.phase_index == k)
+        if sel.size == 0:
+            continue
+        q0 = result.quaternions[sel, 0]
+        q1, conf[sel] = resolve_beam_flip(
+            unfolded[sel],
+            q0,
+            pt.phase,
+            library.settings,
+            kv=library.params["kv"],
+            max_excitation_error=library.params["max_excitation_error"],
+        )
+        flipped = np.abs((q1 * q0).sum(-1)) < 0.5  # turned by 180 deg: orthogonal quaternions
+        result.quaternions[sel, 0] = q1
+        result.inplane[sel, 0] = np.mod(result.inplane[sel, 0] + 180.0 * flipped, 360.0)
+    result.flip_confidence = conf
+    return result
 
 
 # --------------------------------------------------------------------------------------
@@ -1023,6 +1136,11 @@ def to_crystal_map(
             "reliability": result.reliability.astype(float),
             "phase_reliability": np.nan_to_num(result.phase_reliability.astype(float), nan=-1.0),
             "inplane": result.inplane[:, 0].astype(float),
+            "flip_confidence": (
+                np.full(len(result), -1.0)
+                if result.flip_confidence is None
+                else result.flip_confidence.astype(float)
+            ),
             "template": result.template[:, 0].astype(float),
             "correlation_nbest": result.correlation.astype(float),
             "inplane_nbest": result.inplane.astype(float),

@@ -88,9 +88,13 @@ def index_patterns(
     p = np.asarray(patterns)
     if centers is None:
         centers = io.find_direct_beam(p)
-    desc = descriptors.pattern_descriptors(p, calibration, centers, library.settings)
+    desc, unfolded = descriptors.pattern_descriptors(
+        p, calibration, centers, library.settings, unfolded=True
+    )
     if method == "tm":
-        return match.match_descriptors(desc, library, n_best=n_best)
+        return match.flip_result(
+            match.match_descriptors(desc, library, n_best=n_best), unfolded, library
+        )
     proba = np.asarray(classifier.predict_proba(p, calibration), float)
     names = list(classifier.phases)
     if proba.shape != (len(p), len(names)):
@@ -99,7 +103,9 @@ def index_patterns(
         )
     pick = proba.argmax(axis=1)
     phase_of = np.array([library.names.index(names[i]) for i in pick])
-    res = match.match_descriptors(desc, library, n_best=n_best, phase_of=phase_of)
+    res = match.flip_result(
+        match.match_descriptors(desc, library, n_best=n_best, phase_of=phase_of), unfolded, library
+    )
     srt = np.sort(proba, axis=1)
     res.phase_reliability = (
         100 * (1 - srt[:, -2] / np.maximum(srt[:, -1], 1e-12))
@@ -229,6 +235,7 @@ def index_map(
         "calibrated": library.phase_calibration is not None,
         "n_best": n_best,
         "chunk": chunk,
+        "beam_flip": "decided on the unfolded descriptor",  # blocks of older runs are redone
     }
     key = _key(spec)
     parts = None

@@ -1334,6 +1334,8 @@ class Models:
         Descriptor settings of every branch.
     hybrid
         Keyword arguments of :func:`hybrid_refine` per phase (``n_candidates``, ``min_correlation``...).
+    kv
+        Beam energy (kV) of the templates (also of the beam-flip decision).
     """
 
     phases: list[str]
@@ -1343,6 +1345,7 @@ class Models:
     branches: dict
     settings: descriptors.DescriptorSettings
     hybrid: dict = dataclasses.field(default_factory=dict)
+    kv: float = 200.0
     _local: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def local(self, phase: str) -> LocalTemplates:
@@ -1441,7 +1444,7 @@ def load_models(
     hyb = {p: dict(regs[p].metadata.get("hybrid", {})) if p in regs else {} for p in phases}
     for p, kw in (hybrid or {}).items():
         hyb.setdefault(p, {}).update(kw)
-    return Models(phases, regs, clf, lib, branches, settings, hyb)
+    return Models(phases, regs, clf, lib, branches, settings, hyb, kv=kv)
 
 
 @dataclasses.dataclass
@@ -1463,6 +1466,9 @@ class IndexResult:
     branch
         (N,) :data:`BRANCH_CODES`: 0 ml, 1 hybrid (local), 2 full template matching
         (the ``tm`` branch or a hybrid fallback).
+    flip_confidence
+        (N,) how much better the orientation fits the unfolded pattern than its 180-deg
+        turn about the beam (:func:`temlib.match.resolve_beam_flip`; NaN: not decided).
     """
 
     phase_index: np.ndarray
@@ -1472,6 +1478,11 @@ class IndexResult:
     phase_probability: np.ndarray
     branch: np.ndarray
     phases: list
+    flip_confidence: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.flip_confidence is None:
+            self.flip_confidence = np.full(len(self.phase_index), np.nan)
 
     def __len__(self) -> int:
         return len(self.phase_index)
@@ -1496,6 +1507,7 @@ class IndexResult:
             "correlation",
             "phase_probability",
             "branch",
+            "flip_confidence",
         ):
             getattr(self, f)[index] = getattr(other, f)
 
@@ -1533,7 +1545,9 @@ def index_patterns(
     if centers is None:
         centers = _runtime.split_apply(io.find_direct_beam, p)
     centers = np.asarray(centers, float).reshape(n, 2)
-    desc = descriptors.pattern_descriptors(p, calibration, centers, models.settings)
+    desc, unfolded = descriptors.pattern_descriptors(
+        p, calibration, centers, models.settings, unfolded=True
+    )
     prob = np.full(n, np.nan)
     if phase_of is None and models.classifier is None and len(models.phases) == 1:
         phase_of = np.zeros(n, np.int64)
@@ -1579,6 +1593,17 @@ def index_patterns(
         res.correlation[sel] = h.correlation
         res.reliability[sel] = h.reliability
         res.branch[sel] = np.where(h.fallback, BRANCH_CODES["tm"], BRANCH_CODES["hybrid"])
+    for k, ph in enumerate(models.phases):  # every branch: the beam flip from the unfolded pattern
+        sel = np.flatnonzero(phase_of == k)
+        if sel.size:
+            res.quaternions[sel], res.flip_confidence[sel] = match.resolve_beam_flip(
+                unfolded[sel],
+                res.quaternions[sel],
+                crystal.get_phase(ph),
+                models.settings,
+                kv=models.kv,
+                max_excitation_error=models.settings.excitation_error,
+            )
     return res
 
 
@@ -1624,6 +1649,7 @@ def to_crystal_map(
             "correlation": np.nan_to_num(result.correlation, nan=-1.0),
             "phase_probability": np.nan_to_num(result.phase_probability, nan=-1.0),
             "branch": result.branch.astype(float),
+            "flip_confidence": np.nan_to_num(result.flip_confidence, nan=-1.0),
         },
         scan_unit=scan_unit,
     )

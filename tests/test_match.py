@@ -293,3 +293,42 @@ def test_spot_overlay_draws_the_planted_spots(rng):
     )
     background = np.median(pats[0])
     assert np.mean(on_spots[inside] > background + 5) > 0.9
+
+
+@pytest.mark.parametrize("phase", ["ferrite", "NbC"])
+def test_beam_flip_decided_from_the_curved_ewald_sphere(library, phase, rng):
+    """Planted orientations come back strictly (not only modulo the 180-deg turn about the beam).
+
+    The folded descriptor cannot tell R from R * Rz(180); the unfolded one can, because the
+    curved Ewald sphere excites g and -g unequally off a zone axis. Flipping the planted
+    orientations flips the answers with them.
+    """
+    q = _rich_orientations(phase, 16, rng)
+    pid = library.names.index(phase)
+    sym = library.phases[pid].symmetry
+    centers = np.full((len(q), 2), 72.0)
+    for planted in (q, M.beam_flip(Rotation(q)).data):
+        pats, _, _ = _render(planted, phase, rng)
+        res = M.match_patterns(pats, 0.02, library, centers=centers)
+        flip_mod = M.misorientation_deg(res.quaternions[:, 0], planted, sym, modulo_flip=True)
+        strict = M.misorientation_deg(res.quaternions[:, 0], planted, sym)
+        ok = flip_mod < 3  # orientation found: now is it the right one of the pair?
+        assert ok.sum() >= 10
+        assert np.mean(strict[ok] < 3) >= 0.9, (strict, flip_mod)
+        assert res.flip_confidence.shape == (len(q),) and (res.flip_confidence >= 0).all()
+        assert (res.inplane[:, 0] >= 0).all() and (res.inplane[:, 0] < 360).all()
+    # the folded matcher alone leaves the pair undecided: about half come back turned
+    desc = D.pattern_descriptors(pats, 0.02, centers, library.settings)
+    folded = M.match_descriptors(desc, library)
+    strict_folded = M.misorientation_deg(folded.quaternions[:, 0], planted, sym)
+    mod_folded = M.misorientation_deg(folded.quaternions[:, 0], planted, sym, modulo_flip=True)
+    found = mod_folded < 3
+    assert np.mean(strict_folded[found] > 10) > 0.15
+
+
+def test_resolve_beam_flip_bad_shapes(library):
+    pt = library.phases[0]
+    with pytest.raises(ValueError, match="do not pair up"):
+        M.resolve_beam_flip(
+            np.zeros((3, 40, 90)), np.tile([1.0, 0, 0, 0], (3, 1)), pt.phase, library.settings
+        )
