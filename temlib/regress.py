@@ -31,9 +31,9 @@ Online indexing
     (:mod:`temlib.classify`) or given, then the phase's branch: ``"ml"`` (the regressor),
     ``"tm"`` (full template matching, :mod:`temlib.match`) or ``"hybrid"``
     (:func:`hybrid_refine`: template matching restricted to the templates whose beam
-    directions lie near the regressor's, a neighbourhood sized per phase by
-    :func:`calibrate_neighbourhood`; patterns whose local match is unreliable fall back to
-    the full search). :func:`index_map` indexes a
+    directions lie near the regressor's; patterns whose local match is unreliable fall back
+    to the full search; neighbourhood and fallback threshold sized together per phase by
+    :func:`calibrate_hybrid`). :func:`index_map` indexes a
     map read by :mod:`temlib.io` into an orix ``CrystalMap``; :func:`index_stream` indexes
     patterns as they arrive (a Python iterator, a folder of chunk files, a growing raw
     frame file) and calls back with the partial map (a live notebook display:
@@ -1953,9 +1953,10 @@ def train_phase(
     directory
         Where the search trials go (resumable), default ``data/cache/regress``.
     n_candidates
-        Beam directions the hybrid searches around each seed; 0: the smallest neighbourhood
-        that keeps the hybrid within 0.2 deg of template matching on freshly rendered
-        patterns at orientations the regressor never saw (:func:`calibrate_neighbourhood`).
+        Beam directions the hybrid searches around each seed; 0: chosen with the fallback
+        threshold, the cheapest pair that keeps the hybrid within 0.2 deg of template
+        matching on freshly rendered patterns at orientations the regressor never saw
+        (:func:`calibrate_hybrid`).
     """
     from . import match
 
@@ -1989,12 +1990,13 @@ def train_phase(
     secs["fine_tune"] = time.perf_counter() - t
     lib = match.build_library([phase], settings=settings)
     local = LocalTemplates.from_library(lib, phase)
-    if not n_candidates:
-        # on orientations the regressor never saw (rendered afresh): calibrating on the
-        # fine-tuning patterns would trust seeds the network has learnt by heart
-        xc, qc = rendered_set(phase, min(max(len(xt), 200), 1000), settings, rng=rng)
-        n_candidates = calibrate_neighbourhood(ft, xc, qc, local)
-    min_corr = calibrate_fallback(ft, xt, qt, local, n_candidates) if len(xt) else 0.0
+    # on orientations the regressor never saw (rendered afresh): calibrating on the
+    # fine-tuning patterns would trust seeds the network has learnt by heart
+    xc, qc = rendered_set(phase, min(max(len(xt), 200), 1000), settings, rng=rng)
+    hybrid_cal = calibrate_hybrid(
+        ft, xc, qc, local, **({"sizes": (n_candidates,)} if n_candidates else {})
+    )
+    n_candidates, min_corr = hybrid_cal["n_candidates"], hybrid_cal["min_correlation"]
     errors, timing = {}, {}
     preds = {}
 
@@ -2053,65 +2055,70 @@ def train_phase(
     }
     ft.metadata["test_evaluation"] = meta_eval
     ft.metadata["hybrid"] = {"n_candidates": n_candidates, "min_correlation": min_corr}
+    ft.metadata["hybrid_calibration"] = hybrid_cal | {"patterns": len(xc)}
     ft.metadata["seconds"] = secs
     path = save_regressor(ft, save_to) if save_to is not None else None
     return PhaseRun(phase, reg, ft, base, errors, secs, table, path)
 
 
-def calibrate_neighbourhood(
+def calibrate_hybrid(
     reg: Regressor,
     desc: np.ndarray,
     q: np.ndarray,
     local: LocalTemplates,
     tolerance: float = 0.2,
     sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
-) -> int:
-    """How many beam directions the hybrid must search around the regressor's seeds.
+    quantiles: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5),
+) -> dict:
+    """The hybrid's neighbourhood and fallback threshold, chosen together: fastest at template-matching accuracy.
 
     On labelled patterns the regressor was not trained on (orientations it never saw:
-    calibrating on its training patterns would trust seeds it has learnt by heart) the
-    hybrid (no fallback) is run with neighbourhoods of ``sizes`` templates; the smallest
-    whose median disorientation (modulo
-    the beam flip) is within ``tolerance`` deg of template matching over the whole phase,
-    with no more patterns off by over 10 deg, is returned (the whole library when none is):
-    a regressor that seeds well gets a small, fast neighbourhood, a poor one the full search.
+    calibrating on its training patterns would trust seeds it has learnt by heart), the
+    hybrid is run without fallback for each neighbourhood of ``sizes`` beam directions,
+    and template matching over the whole phase once. A fallback threshold ``c`` (a
+    quantile of the local correlations) sends the patterns whose local match correlates
+    below ``c`` to the full search, so the hybrid's answer for a threshold is known without
+    running it again. Of all (size, threshold) pairs whose median disorientation (modulo
+    the beam flip) is within ``tolerance`` deg of template matching, with no more patterns
+    off by over 10 deg, the one screening the fewest templates per pattern is returned:
+    a regressor that seeds well gets a small neighbourhood and few fallbacks, a poor one
+    the full search.
+
+    Returns
+    -------
+    dict with ``n_candidates``, ``min_correlation`` (the :func:`hybrid_refine` arguments),
+    ``fallback`` (share of the patterns sent to the full search) and ``cost`` (templates
+    screened per pattern relative to the full search: ``(k + fallback * T) / T``).
     """
     from . import match
 
+    full = {"n_candidates": local.size, "min_correlation": 0.0, "fallback": 0.0, "cost": 1.0}
     if len(desc) == 0:
-        return local.size
+        return full
     tm = match.match_descriptors(desc, local.library, n_best=1, normalization="none")
     e_tm = disorientation_deg(tm.quaternions[:, 0], q, reg.phase, modulo_flip=True)
+    med_tm, far_tm = np.median(e_tm), np.mean(e_tm > 10)
     seeds = reg.predict(desc)
+    best = full
     for k in sorted(s for s in sizes if s < local.size):
+        if k / local.size >= best["cost"]:
+            break
         h = hybrid_refine(desc, seeds, local, None, n_candidates=k)
-        e = disorientation_deg(h.quaternions, q, reg.phase, modulo_flip=True)
-        if np.median(e) <= np.median(e_tm) + tolerance and np.mean(e > 10) <= np.mean(e_tm > 10):
-            return k
-    return local.size
-
-
-def calibrate_fallback(
-    reg: Regressor,
-    desc: np.ndarray,
-    q: np.ndarray,
-    local: LocalTemplates,
-    n_candidates: int = 32,
-    quantile: float = 0.05,
-    tolerance: float = 2.0,
-) -> float:
-    """The hybrid's fallback threshold: a low quantile of the local correlation of good refinements.
-
-    The regressor seeds :func:`hybrid_refine` (no fallback) on labelled real patterns (the
-    fine-tuning set); among the patterns it gets within ``tolerance`` degrees, the
-    ``quantile`` of the best local correlation is returned. Patterns matching worse than
-    that go to the full search.
-    """
-    if len(desc) == 0:
-        return 0.0
-    h = hybrid_refine(desc, reg.predict(desc), local, None, n_candidates=n_candidates)
-    good = disorientation_deg(h.quaternions, q, reg.phase, modulo_flip=True) < tolerance
-    return float(np.quantile(h.correlation[good], quantile)) if good.sum() >= 5 else 0.0
+        e_local = disorientation_deg(h.quaternions, q, reg.phase, modulo_flip=True)
+        for qu in quantiles:
+            c = float(np.quantile(h.correlation, qu)) if qu > 0 else 0.0
+            back = h.correlation < c
+            e = np.where(back, e_tm, e_local)
+            cost = (k + back.mean() * local.size) / local.size
+            ok = np.median(e) <= med_tm + tolerance and np.mean(e > 10) <= far_tm
+            if ok and cost < best["cost"]:
+                best = {
+                    "n_candidates": k,
+                    "min_correlation": c,
+                    "fallback": float(back.mean()),
+                    "cost": float(cost),
+                }
+    return best
 
 
 def error_histogram_figure(

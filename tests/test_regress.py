@@ -235,7 +235,8 @@ class _Seeds:
         return self.q[: len(desc)]
 
 
-def test_calibrated_neighbourhood_follows_seed_quality(rng):
+def test_calibrated_hybrid_follows_seed_quality(rng):
+    """Good seeds: a small neighbourhood and few fallbacks; random seeds: the full search's cost."""
     from temlib import match
 
     st = descriptors.DescriptorSettings(r_min=0.3, n_spots=20, radial_weight=0.0)
@@ -246,8 +247,21 @@ def test_calibrated_neighbourhood_follows_seed_quality(rng):
     desc = _template_desc("ferrite", q_true, st)
     good = _Seeds("ferrite", regress.qmul(q_true, _random_rotation(40, 1.0, rng)))
     poor = _Seeds("ferrite", synth.random_quaternions(40, rng))
-    assert regress.calibrate_neighbourhood(good, desc, q_true, local) <= 32
-    assert regress.calibrate_neighbourhood(poor, desc, q_true, local) >= 512
+    cal_good = regress.calibrate_hybrid(good, desc, q_true, local)
+    cal_poor = regress.calibrate_hybrid(poor, desc, q_true, local)
+    assert cal_good["n_candidates"] <= 32 and cal_good["fallback"] <= 0.1
+    assert cal_good["cost"] < 0.1
+    assert cal_poor["cost"] > 0.5  # a big neighbourhood or most patterns sent to the full search
+    # the fallback threshold and the neighbourhood it returns reproduce its accuracy
+    h = regress.hybrid_refine(
+        desc,
+        poor.predict(desc),
+        local,
+        lib,
+        n_candidates=cal_poor["n_candidates"],
+        min_correlation=cal_poor["min_correlation"],
+    )
+    assert abs(h.fallback.mean() - cal_poor["fallback"]) < 1e-9
 
 
 def test_index_stream_iterator_folder_and_growing_file(tiny_regressor, tmp_path):
