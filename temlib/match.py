@@ -997,8 +997,10 @@ def resolve_beam_flip(
     axis the curved sphere excites a reflection ``g`` and its Friedel mate ``-g``
     unequally (the excitation error differs by ~ lambda |g|^2 / 2 in sign-dependent
     ways: 0.02 1/Å at 1.3 1/Å and 200 kV, as large as a relrod), so one side of the
-    pattern is brighter. Both candidates are drawn on the unfolded polar grid and the
-    one whose template correlates better with the pattern's unfolded descriptor wins.
+    pattern is brighter. The template of the first is drawn on the unfolded polar grid
+    (the second's is the same turned by 180 deg in azimuth: the flip keeps every
+    excitation error) and the one that correlates better with the pattern's unfolded
+    descriptor wins.
 
     Parameters
     ----------
@@ -1036,15 +1038,16 @@ def resolve_beam_flip(
     refl = simulate.reflections(phase, g_max=_g_max(settings))
 
     def part(u_, q_):
-        scores = []
-        for cand in (q_, _qmul(q_, RZ180)):
-            xy, inten, _ = simulate.kinematic_spots(
-                refl, Rotation(cand), kv=kv, max_excitation_error=max_excitation_error
-            )
-            t = descriptors.template_descriptors(xy, inten, settings, unfolded=True)
-            scores.append((t * u_).sum(axis=(1, 2)))
-        flip = scores[1] > scores[0]
-        return np.where(flip[:, None], _qmul(q_, RZ180), q_), np.abs(scores[1] - scores[0])
+        xy, inten, _ = simulate.kinematic_spots(
+            refl, Rotation(q_), kv=kv, max_excitation_error=max_excitation_error
+        )
+        t = descriptors.template_descriptors(xy, inten, settings, unfolded=True)
+        # the flip turns every g by 180 deg about the beam, keeping its excitation error:
+        # its template is this one turned by half the azimuth bins (one simulation, not two)
+        s0 = (t * u_).sum(axis=(1, 2))
+        s1 = (t * np.roll(u_, settings.n_theta, axis=-1)).sum(axis=(1, 2))
+        flip = s1 > s0
+        return np.where(flip[:, None], _qmul(q_, RZ180), q_), np.abs(s1 - s0)
 
     return _runtime.split_apply(part, u, q)  # parts of the stack on every core
 

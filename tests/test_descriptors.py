@@ -173,3 +173,67 @@ def test_stack_descriptors_equal_one_by_one(rng):
         [D.pattern_descriptor(p, 0.02, c, st) for p, c in zip(pats, centers, strict=True)]
     )
     np.testing.assert_allclose(stack, one, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"background": "opening", "opening_deg": 9.0},
+        {
+            "background": "none",
+            "noise_k": 0.0,
+            "gamma": 0.3,
+            "zero_mean": True,
+            "radial_weight": 0.0,
+        },
+        {"smooth": 0.0, "oversample": 1, "gamma": 1.0},
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.uint8, np.float64])
+def test_compiled_front_end_equals_numpy_steps(rng, changes, dtype):
+    # the one-pass kernel against prefilter -> polar_transform -> descriptors_from_polar,
+    # on spot patterns with a halo, one of them off-centre so that samples leave the frame
+    st = ST.replace(**({"noise_k": 1.0, "radial_weight": 1.5} | changes))
+    yy, xx = np.mgrid[:96, :96]
+    pats = np.empty((5, 96, 96))
+    centers = np.array([[48.0, 48.0], [47.3, 49.6], [50.9, 45.2], [30.5, 62.1], [48.2, 47.7]])
+    for i, (cy, cx) in enumerate(centers):
+        img = 60 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 200.0)
+        for _ in range(12):
+            a, r = rng.uniform(0, 2 * np.pi), rng.uniform(8, 40)
+            img += 150 * np.exp(
+                -((yy - cy - r * np.sin(a)) ** 2 + (xx - cx - r * np.cos(a)) ** 2) / 3.0
+            )
+        pats[i] = rng.poisson(img + 5)
+    pats = np.clip(pats, 0, 255).astype(dtype)
+    cal = 0.015
+    folded, unfolded = D.front_end(pats, cal, centers, st)
+    ref_f, ref_u = D.descriptors_from_polar(
+        D.polar_transform(D.prefilter(pats, cal, st), cal, centers, st), st, unfolded=True
+    )
+    assert np.ptp(ref_f, axis=(1, 2)).min() > 0.01  # descriptors with spots in them, not flat
+    np.testing.assert_allclose(folded, ref_f, atol=2e-5)
+    np.testing.assert_allclose(unfolded, ref_u, atol=2e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 180, 181])
+def test_compiled_median_is_numpys(rng, n):
+    from temlib import _kernels
+
+    keys = np.empty(n, np.int32)
+    for x in (
+        rng.normal(size=n),
+        np.round(rng.normal(size=n) * 2) / 2,  # ties
+        np.r_[np.zeros(n - n // 3), -rng.random(n // 3)],  # many zeros and negatives
+    ):
+        x = x.astype(np.float32)
+        assert _kernels._median(x, keys) == np.float32(np.median(x))
+
+
+def test_front_end_rejects_bad_centres():
+    pats = np.zeros((2, 32, 32), np.uint8)
+    with pytest.raises(ValueError, match="finite"):
+        D.front_end(pats, 0.02, np.array([[16.0, 16.0], [np.nan, 16.0]]), ST)
+    with pytest.raises(ValueError, match="not a stack"):
+        D.front_end(pats[0], 0.02, np.array([[16.0, 16.0]]), ST)
