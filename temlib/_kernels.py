@@ -64,6 +64,18 @@ def _median(x, keys):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
+def _bilinear(flat, w, rr, cc):
+    """Bilinear sample at (rr, cc) >= 0 of a row-major image ``flat`` of width ``w``."""
+    one = np.float32(1.0)
+    r0, c0 = np.int32(rr), np.int32(cc)
+    fr, fc = rr - np.float32(r0), cc - np.float32(c0)
+    j = r0 * w + c0
+    top = flat[j] * (one - fc) + flat[j + 1] * fc
+    bot = flat[j + w] * (one - fc) + flat[j + w + 1] * fc
+    return top * (one - fr) + bot * fr
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
 def _blur_into(img, gauss, tmp, padrow, out):
     """Separable Gaussian of ``img`` (mode 'reflect', as SciPy) into ``out[1:ky+1, 1:kx+1]``."""
     ky, kx = img.shape
@@ -106,7 +118,7 @@ def _front_end_one(
     flat = pad.ravel()
     w = pad.shape[1]
     cy1, cx1 = np.float32(cy + 1.0), np.float32(cx + 1.0)  # float32 coordinates, as io.sample_about
-    ry, rx, zero, one = np.float32(ky + 1.0), np.float32(kx + 1.0), np.float32(0.0), np.float32(1.0)
+    ry, rx, zero = np.float32(ky + 1.0), np.float32(kx + 1.0), np.float32(0.0)
     for i in range(n_r):  # bilinear polar samples, ``ov`` radii averaged per bin
         p = polar[i]
         p[:] = 0.0
@@ -115,12 +127,7 @@ def _front_end_one(
             for k in range(n2):
                 rr = min(max(cy1 + dys[k], zero), ry)
                 cc = min(max(cx1 + dxs[k], zero), rx)
-                r0, c0 = np.int32(rr), np.int32(cc)
-                fr, fc = rr - np.float32(r0), cc - np.float32(c0)
-                j = r0 * w + c0
-                top = flat[j] * (one - fc) + flat[j + 1] * fc
-                bot = flat[j + w] * (one - fc) + flat[j + w + 1] * fc
-                p[k] += top * (one - fr) + bot * fr
+                p[k] += _bilinear(flat, w, rr, cc)
         p /= ov
     # per radius along azimuth: background, robust noise, clip, intensity transform
     h = width // 2
@@ -194,3 +201,36 @@ def front_end(
             p[n], centers[n, 0], centers[n, 1], gauss, dy, dx, ov, bg, width, noise, gamma,
             weight, zero_mean, folded[n], unfolded[n], tmp, padrow, pad, polar, row, row2, keys,
         )  # fmt: skip
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def binned_samples(p, centers, scale, gauss, dy, dx, out_index, inv_count, out):
+    """Mean bilinear samples of (optionally blurred) patterns, binned: ``out`` (N, n_out).
+
+    Sample ``s`` of pattern ``n`` is read at ``centers[n] + scale[n] * (dy[s], dx[s])`` (px;
+    off the frame reads 0) of the pattern blurred with ``gauss`` (length 1: not blurred), as
+    :func:`temlib.io.sample_about` after SciPy's ``gaussian_filter``; it is added to bin
+    ``out_index[s]``, and each bin is multiplied by ``inv_count`` (1 / its number of samples).
+    """
+    n_pat, ky, kx = p.shape
+    rad = (gauss.shape[0] - 1) // 2
+    tmp = np.empty((ky, kx), np.float32)
+    padrow = np.empty(kx + 2 * rad, np.float32)
+    pad = np.zeros((ky + 3, kx + 3), np.float32)
+    flat = pad.ravel()
+    w = pad.shape[1]
+    ry, rx, zero = np.float32(ky + 1.0), np.float32(kx + 1.0), np.float32(0.0)
+    for n in range(n_pat):
+        if rad > 0:
+            _blur_into(p[n], gauss, tmp, padrow, pad)
+        else:
+            pad[1 : ky + 1, 1 : kx + 1] = p[n]
+        o = out[n]
+        o[:] = 0.0
+        cy1, cx1 = np.float32(centers[n, 0] + 1.0), np.float32(centers[n, 1] + 1.0)
+        sc = np.float32(scale[n])
+        for s in range(dy.shape[0]):
+            rr = min(max(cy1 + sc * dy[s], zero), ry)
+            cc = min(max(cx1 + sc * dx[s], zero), rx)
+            o[out_index[s]] += _bilinear(flat, w, rr, cc)
+        o *= inv_count

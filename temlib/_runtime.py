@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import weakref
 from pathlib import Path
 
 from . import paths
@@ -111,6 +112,26 @@ def keras():
     import keras as k
 
     return k
+
+
+_INFERENCE = weakref.WeakKeyDictionary()  # model -> its traced inference function
+
+
+def inference(model):
+    """``model(x, training=False)`` as a traced TensorFlow graph, made once per model.
+
+    A Keras model called eagerly runs op by op; traced, the same network (the same
+    numbers) runs ~1.5x faster on CPU (measured on the phase classifier, 2,000 patterns:
+    696 -> 468 ms). Input shapes may vary (the last batch) without retracing.
+    """
+    f = _INFERENCE.get(model)
+    if f is None:
+        import tensorflow as tf
+
+        ref = weakref.ref(model)  # the cache must not keep the model alive
+        f = tf.function(lambda x: ref()(x, training=False), reduce_retracing=True)
+        _INFERENCE[model] = f
+    return f
 
 
 def auto_model(**kwargs):

@@ -295,7 +295,8 @@ def _to_polar(
 
     Bin ``i`` of |k| is sampled at ``(i + 0.5) k_max / size``; each azimuth bin at
     ``oversample`` points, on both halves of the centrosymmetric pattern (averaged).
-    Bilinear, vectorised over the stack; samples off the frame read 0.
+    Bilinear, after a Gaussian of half an input bin, in one compiled pass per pattern
+    (:func:`temlib._kernels.binned_samples`); samples off the frame read 0.
 
     Parameters
     ----------
@@ -306,20 +307,34 @@ def _to_polar(
     calibration
         (N,) 1/Å per px of each pattern (a calibration error drawn for augmentation included).
     """
+    from . import _kernels
+    from .descriptors import SMOOTH_MIN_PX, _gaussian_taps
+
     n = len(p)
     size, o = prep.size, max(int(prep.oversample), 1)
     k = (np.arange(size) + 0.5) * prep.working_calibration  # 1/Å
     t = (np.arange(2 * size * o) + 0.5) / (size * o) * np.pi  # 0..2 pi
     dy = (k[:, None] * np.sin(t)[None, :]).ravel()  # 1/Å
     dx = (k[:, None] * np.cos(t)[None, :]).ravel()
+    # sample (i, half, j, o) of the grid goes to input pixel (i, j)
+    i, j = np.divmod(np.arange(dy.size) // o, 2 * size)
+    index = (i * size + j % size).astype(np.int64)
     # anti-aliasing: a Gaussian of half an input bin, so a sharp spot is not missed between samples
     sigma = 0.5 * prep.working_calibration / float(np.median(calibration))
-    if sigma >= 0.3:
-        from scipy import ndimage
-
-        p = ndimage.gaussian_filter(p, sigma=(0, sigma, sigma), truncate=3.0)
-    v = io.sample_about(p, centers, dy, dx, scale=1 / np.asarray(calibration, float))
-    return v.reshape(n, size, 2, size, o).mean(axis=(2, 4), dtype=np.float32)
+    gauss = _gaussian_taps(sigma) if sigma >= SMOOTH_MIN_PX else np.ones(1, np.float32)
+    out = np.empty((n, size * size), np.float32)
+    _kernels.binned_samples(
+        np.ascontiguousarray(p, np.float32),
+        np.ascontiguousarray(centers, np.float64).reshape(n, 2),
+        (1 / np.asarray(calibration, float)).astype(np.float32).reshape(n),
+        gauss,
+        dy.astype(np.float32),
+        dx.astype(np.float32),
+        index,
+        np.full(size * size, 1 / (2 * o), np.float32),
+        out,
+    )
+    return out.reshape(n, size, size)
 
 
 def network_input(x: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -767,12 +782,15 @@ class PhaseClassifier:
     def predict_inputs(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Probabilities (N, n_phases) of already preprocessed inputs (N, size, size)."""
         x = np.asarray(x, np.float32)
+        from . import _runtime
+
         out = np.empty((len(x), len(self.phases)), np.float32)
+        net = _runtime.inference(self.model)
         for i in range(0, len(x), batch_size):
             batch = network_input(x[i : i + batch_size], self.preprocessing)
             with warnings.catch_warnings():  # Keras: a tensor given for a one-input list
                 warnings.filterwarnings("ignore", message="The structure of `inputs`")
-                p = np.asarray(self.model(batch, training=False))
+                p = np.asarray(net(batch))
             out[i : i + batch_size] = np.concatenate([1 - p, p], axis=1) if p.shape[1] == 1 else p
         return out
 

@@ -52,6 +52,36 @@ def test_polar_input_puts_a_spot_at_its_d_spacing_whatever_the_camera(calibratio
     assert abs((col + 0.5) * 180 / 64 - 140.0) <= 180 / 64 * 1.5
 
 
+def test_polar_sampling_equals_filter_then_bilinear(rng):
+    # the compiled one-pass sampler against SciPy's Gaussian + io.sample_about + bin means,
+    # with a calibration per pattern (augmentation) and a centre near the edge
+    from scipy import ndimage
+
+    from temlib import io
+
+    prep = classify.Preprocessing(size=32, k_max=1.3, oversample=3)
+    pats = np.stack(
+        [
+            planted(0.02, c, 144, g=0.6, angle_deg=a)
+            for c, a in [((70.3, 75.8), 20), ((20.5, 30.2), 75)]
+        ]
+    ).astype(np.float32)
+    cal = np.array([0.02, 0.0213])
+    centers = np.array([[70.3, 75.8], [20.5, 30.2]])
+    got = classify._to_polar(pats, centers, cal, prep)
+    size, o = prep.size, prep.oversample
+    k = (np.arange(size) + 0.5) * prep.working_calibration
+    t = (np.arange(2 * size * o) + 0.5) / (size * o) * np.pi
+    sigma = 0.5 * prep.working_calibration / np.median(cal)
+    blurred = ndimage.gaussian_filter(pats, sigma=(0, sigma, sigma), truncate=3.0)
+    v = io.sample_about(
+        blurred, centers, np.outer(k, np.sin(t)).ravel(), np.outer(k, np.cos(t)).ravel(), 1 / cal
+    )
+    ref = v.reshape(2, size, 2, size, o).mean(axis=(2, 4))
+    assert ref.max() > 10  # spots in it
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-5)
+
+
 def test_cartesian_input_is_centred_on_the_beam():
     prep = classify.Preprocessing(size=64, k_max=1.3, geometry="cartesian")
     a = classify.preprocess(planted(0.02, (70.3, 75.8), 144), 0.02, prep)[0]

@@ -69,6 +69,19 @@ def test_symmetric_loss_zero_for_equivalents(phase, rng):
     )
 
 
+@pytest.mark.parametrize("phase", ["ferrite", "NbC", "cementite"])
+def test_fundamental_zone_is_orix_reduce(phase, rng):
+    from orix.quaternion import Orientation
+
+    from temlib import crystal
+
+    q = Rotation.random(3000).data
+    got = regress.reduce_to_fundamental_zone(q, phase)
+    ref = Orientation(q, symmetry=crystal.get_phase(phase).point_group).reduce()
+    np.testing.assert_allclose(got.data, ref.data, atol=1e-12)
+    assert got.symmetry == ref.symmetry
+
+
 def test_shift_augment_is_an_inplane_rotation(rng):
     st = descriptors.DescriptorSettings()
     q = synth.random_quaternions(6, rng)
