@@ -322,11 +322,17 @@ def _to_polar(
     # anti-aliasing: a Gaussian of half an input bin, so a sharp spot is not missed between samples
     sigma = 0.5 * prep.working_calibration / float(np.median(calibration))
     gauss = _gaussian_taps(sigma) if sigma >= SMOOTH_MIN_PX else np.ones(1, np.float32)
+    c = np.ascontiguousarray(centers, np.float64).reshape(n, 2)
+    px_per_k = (1 / np.asarray(calibration, float)).astype(np.float32).reshape(n)
+    if not (np.isfinite(c).all() and np.isfinite(px_per_k).all()):
+        raise ValueError(
+            "Beam centres or calibrations hold NaN or infinite values; expected finite numbers"
+        )
     out = np.empty((n, size * size), np.float32)
     _kernels.binned_samples(
         np.ascontiguousarray(p, np.float32),
-        np.ascontiguousarray(centers, np.float64).reshape(n, 2),
-        (1 / np.asarray(calibration, float)).astype(np.float32).reshape(n),
+        c,
+        px_per_k,
         gauss,
         dy.astype(np.float32),
         dx.astype(np.float32),

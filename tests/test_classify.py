@@ -405,3 +405,10 @@ def test_cli_classify(tiny, ci_data, tmp_path, capsys):
     )
     assert rc == 2
     assert "No phase classifier in" in capsys.readouterr().err
+
+
+def test_preprocess_rejects_non_finite_centres():
+    with pytest.raises(ValueError, match="finite"):
+        classify.preprocess(
+            np.zeros((2, 64, 64), np.uint8), 0.02, centers=np.array([[32.0, 32.0], [np.nan, 3.0]])
+        )
