@@ -7,12 +7,58 @@ kernels hold no GIL, so :func:`temlib._runtime.split_apply` threads run them on 
 core. The NumPy steps stay the reference (and what tuning, which reuses polar images
 over many settings, runs); ``tests/test_descriptors.py`` checks the two agree.
 Compiled on first use and cached on disk (``cache=True``).
+
+Both entry points, :func:`binned_samples` (the classifier's polar input) and
+:func:`polar_descriptors` (the descriptors), share one sampler: the pattern, blurred
+or not, in a zero-bordered frame, read bilinearly at offsets from its centre, each
+sample added to a bin. They check their geometry first: the compiled loops assume
+finite coordinates.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+
+SMOOTH_MIN_PX = 0.3  # a Gaussian narrower than this (px) is skipped
+
+
+def gaussian_taps(sigma: float, truncate: float = 3.0) -> np.ndarray:
+    """SciPy's normalised 1-D Gaussian of ``gaussian_filter`` (radius ``int(truncate sigma + 0.5)``).
+
+    ``[1]`` (no blur) below :data:`SMOOTH_MIN_PX`.
+    """
+    if not sigma >= SMOOTH_MIN_PX:
+        return np.ones(1, np.float32)
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1).astype(float)
+    g = np.exp(-0.5 / sigma**2 * x**2)
+    return (g / g.sum()).astype(np.float32)
+
+
+def _stack(patterns: np.ndarray) -> np.ndarray:
+    p = np.asarray(patterns)
+    if p.ndim != 3:
+        raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
+    if p.dtype not in (np.uint8, np.uint16, np.float32):  # the compiled types
+        p = p.astype(np.float32)
+    return np.ascontiguousarray(p)
+
+
+def _geometry(n: int, centers: np.ndarray, scale) -> tuple[np.ndarray, np.ndarray]:
+    c = np.ascontiguousarray(centers, np.float64).reshape(n, 2)
+    s = np.ones(n, np.float32) if scale is None else np.asarray(scale, np.float32).reshape(n)
+    if not (np.isfinite(c).all() and np.isfinite(s).all()):
+        raise ValueError(
+            "Beam centres or calibrations hold NaN or infinite values; expected finite numbers"
+        )
+    return c, np.ascontiguousarray(s)
+
+
+def _bins(out_index: np.ndarray, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.ascontiguousarray(out_index, np.int64).ravel()
+    count = np.bincount(idx, minlength=n_out)
+    return idx, (1.0 / np.maximum(count, 1)).astype(np.float32)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -102,34 +148,84 @@ def _blur_into(img, gauss, tmp, padrow, out):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
-def _front_end_one(
-    img, cy, cx, gauss, dy, dx, ov, bg, width, noise, gamma, weight, zero_mean,
-    folded, unfolded, tmp, padrow, pad, polar, row, row2, keys,
-):  # fmt: skip
-    """One pattern: blur, polar sampling, background, ``I ** gamma``, folding, normalisation."""
+def _load(img, gauss, tmp, padrow, pad):
+    """The pattern (blurred with ``gauss`` unless it has one tap) into ``pad``'s 1 px zero border."""
     ky, kx = img.shape
-    n_r, n2 = folded.shape[0], unfolded.shape[1]
-    nt = n2 // 2
-    # pad: the (blurred) pattern with a 1 px zero border, where off-frame samples land
     if gauss.shape[0] > 1:
         _blur_into(img, gauss, tmp, padrow, pad)
     else:
         pad[1 : ky + 1, 1 : kx + 1] = img
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _sample_binned(pad, cy, cx, sc, dy, dx, out_index, inv_count, out):
+    """``out[out_index[s]]`` = mean of bilinear samples at ``(cy, cx) + sc (dy, dx)[s]`` of ``pad``.
+
+    Float32 coordinates, as :func:`temlib.io.sample_about`; off the frame reads 0 (the border).
+    """
+    ky, kx = pad.shape[0] - 3, pad.shape[1] - 3
     flat = pad.ravel()
     w = pad.shape[1]
-    cy1, cx1 = np.float32(cy + 1.0), np.float32(cx + 1.0)  # float32 coordinates, as io.sample_about
+    cy1, cx1 = np.float32(cy + 1.0), np.float32(cx + 1.0)
     ry, rx, zero = np.float32(ky + 1.0), np.float32(kx + 1.0), np.float32(0.0)
-    for i in range(n_r):  # bilinear polar samples, ``ov`` radii averaged per bin
-        p = polar[i]
-        p[:] = 0.0
-        for o in range(ov):
-            dys, dxs = dy[i * ov + o], dx[i * ov + o]
-            for k in range(n2):
-                rr = min(max(cy1 + dys[k], zero), ry)
-                cc = min(max(cx1 + dxs[k], zero), rx)
-                p[k] += _bilinear(flat, w, rr, cc)
-        p /= ov
-    # per radius along azimuth: background, robust noise, clip, intensity transform
+    out[:] = 0.0
+    for s in range(dy.shape[0]):
+        rr = min(max(cy1 + sc * dy[s], zero), ry)
+        cc = min(max(cx1 + sc * dx[s], zero), rx)
+        out[out_index[s]] += _bilinear(flat, w, rr, cc)
+    out *= inv_count
+
+
+@numba.njit(nogil=True, cache=True)
+def _scratch(ky, kx, rad):
+    return (
+        np.empty((ky, kx), np.float32),
+        np.empty(kx + 2 * rad, np.float32),
+        np.zeros((ky + 3, kx + 3), np.float32),
+    )
+
+
+@numba.njit(nogil=True, cache=True)
+def _binned_stack(p, centers, scale, gauss, dy, dx, out_index, inv_count, out):
+    tmp, padrow, pad = _scratch(p.shape[1], p.shape[2], (gauss.shape[0] - 1) // 2)
+    for n in range(p.shape[0]):
+        _load(p[n], gauss, tmp, padrow, pad)
+        _sample_binned(
+            pad, centers[n, 0], centers[n, 1], scale[n], dy, dx, out_index, inv_count, out[n]
+        )
+
+
+def binned_samples(
+    patterns, centers, dy, dx, out_index, n_out: int, sigma_px: float = 0.0, scale=None
+) -> np.ndarray:
+    """(N, n_out) bin means of bilinear samples of (N, ky, kx) patterns, in one compiled pass each.
+
+    Sample ``s`` of pattern ``n`` is read at ``centers[n] + scale[n] * (dy[s], dx[s])`` (px;
+    off the frame reads 0) of the pattern blurred by a Gaussian of ``sigma_px`` (SciPy's
+    ``gaussian_filter``, mode 'reflect'; none below :data:`SMOOTH_MIN_PX`), and averaged
+    into bin ``out_index[s]``: the numbers of ``io.sample_about`` after the filter.
+    """
+    p = _stack(patterns)
+    c, s = _geometry(len(p), centers, scale)
+    idx, inv = _bins(out_index, n_out)
+    out = np.empty((len(p), n_out), np.float32)
+    _binned_stack(
+        p, c, s, gaussian_taps(sigma_px), np.asarray(dy, np.float32).ravel(),
+        np.asarray(dx, np.float32).ravel(), idx, inv, out,
+    )  # fmt: skip
+    return out
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _descriptor_of_polar(polar, bg, width, noise, gamma, weight, zero_mean, folded, unfolded):
+    """In place on one (n_r, 2 n_theta) polar image: background, robust noise, clip,
+    ``I ** gamma``; then folded (and, when ``unfolded`` has rows, unfolded) descriptors:
+    radial weight, zero mean, unit norm."""
+    n_r, n2 = polar.shape
+    nt = n2 // 2
+    row = np.empty(n2, np.float32)
+    row2 = np.empty(n2, np.float32)
+    keys = np.empty(n2, np.int32)
     h = width // 2
     for i in range(n_r):
         p = polar[i]
@@ -157,80 +253,71 @@ def _front_end_one(
         for k in range(n2):
             v = max(p[k], np.float32(0.0))
             p[k] = np.sqrt(v) if gamma == 0.5 else v**gamma
-    # fold, radial weight, zero mean, unit norm (the folded and the unfolded image)
     for i in range(n_r):
         w = weight[i]
         for k in range(nt):
             folded[i, k] = (polar[i, k] + polar[i, k + nt]) * w
-        for k in range(n2):
-            unfolded[i, k] = polar[i, k] * w
-    for d in (folded, unfolded):
-        if zero_mean:
-            d -= np.float32(d.mean())
-        ss = 0.0
-        for i in range(d.shape[0]):
-            for k in range(d.shape[1]):
-                ss += np.float64(d[i, k]) ** 2
-        if ss > 0:
-            d /= np.float32(np.sqrt(ss))
-
-
-@numba.njit(nogil=True, cache=True)
-def front_end(
-    p, centers, gauss, dy, dx, ov, bg, width, noise, gamma, weight, zero_mean, folded, unfolded
-):
-    """Descriptors of a stack of patterns into ``folded`` (N, n_r, n_theta) and ``unfolded``.
-
-    ``p`` (N, ky, kx) float32 patterns, ``centers`` (N, 2) (row, col) px, ``gauss`` the
-    normalised 1-D prefilter (length 1: none), ``dy``/``dx`` (n_r * ov, 2 n_theta) polar
-    offsets (px), ``bg`` 0/1/2 = none/median/opening of ``width`` bins, ``noise`` the
-    robust-noise factor, ``weight`` (n_r,) the radial weight.
-    """
-    ky, kx = p.shape[1], p.shape[2]
-    n2 = unfolded.shape[2]
-    rad = (gauss.shape[0] - 1) // 2
-    tmp = np.empty((ky, kx), np.float32)
-    padrow = np.empty(kx + 2 * rad, np.float32)
-    pad = np.zeros((ky + 3, kx + 3), np.float32)
-    polar = np.empty((unfolded.shape[1], n2), np.float32)
-    row = np.empty(n2, np.float32)
-    row2 = np.empty(n2, np.float32)
-    keys = np.empty(n2, np.int32)
-    for n in range(p.shape[0]):
-        _front_end_one(
-            p[n], centers[n, 0], centers[n, 1], gauss, dy, dx, ov, bg, width, noise, gamma,
-            weight, zero_mean, folded[n], unfolded[n], tmp, padrow, pad, polar, row, row2, keys,
-        )  # fmt: skip
+    _normalise(folded, zero_mean)
+    if unfolded.shape[0] > 0:
+        for i in range(n_r):
+            for k in range(n2):
+                unfolded[i, k] = polar[i, k] * weight[i]
+        _normalise(unfolded, zero_mean)
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
-def binned_samples(p, centers, scale, gauss, dy, dx, out_index, inv_count, out):
-    """Mean bilinear samples of (optionally blurred) patterns, binned: ``out`` (N, n_out).
+def _normalise(d, zero_mean):
+    if zero_mean:
+        d -= np.float32(d.mean())
+    ss = 0.0
+    for i in range(d.shape[0]):
+        for k in range(d.shape[1]):
+            ss += np.float64(d[i, k]) ** 2
+    if ss > 0:
+        d /= np.float32(np.sqrt(ss))
 
-    Sample ``s`` of pattern ``n`` is read at ``centers[n] + scale[n] * (dy[s], dx[s])`` (px;
-    off the frame reads 0) of the pattern blurred with ``gauss`` (length 1: not blurred), as
-    :func:`temlib.io.sample_about` after SciPy's ``gaussian_filter``; it is added to bin
-    ``out_index[s]``, and each bin is multiplied by ``inv_count`` (1 / its number of samples).
+
+@numba.njit(nogil=True, cache=True)
+def _descriptor_stack(
+    p, centers, gauss, dy, dx, out_index, inv_count, bg, width, noise, gamma, weight,
+    zero_mean, folded, unfolded,
+):  # fmt: skip
+    n_r, n2 = folded.shape[1], 2 * folded.shape[2]
+    tmp, padrow, pad = _scratch(p.shape[1], p.shape[2], (gauss.shape[0] - 1) // 2)
+    polar = np.empty((n_r, n2), np.float32)
+    none = np.empty((0, n2), np.float32)
+    flat = polar.ravel()
+    for n in range(p.shape[0]):
+        _load(p[n], gauss, tmp, padrow, pad)
+        _sample_binned(
+            pad, centers[n, 0], centers[n, 1], np.float32(1.0), dy, dx, out_index, inv_count, flat
+        )
+        u = unfolded[n] if unfolded.shape[0] > 0 else none
+        _descriptor_of_polar(polar, bg, width, noise, gamma, weight, zero_mean, folded[n], u)
+
+
+def polar_descriptors(
+    patterns, centers, dy, dx, out_index, n_r: int, n_theta: int, sigma_px: float,
+    background: int, width: int, noise: float, gamma: float, weight, zero_mean: bool,
+    unfolded: bool,
+):  # fmt: skip
+    """Folded (N, n_r, n_theta) and, with ``unfolded``, unfolded (N, n_r, 2 n_theta) descriptors.
+
+    The polar image is :func:`binned_samples`' (bins ``out_index`` over n_r x 2 n_theta);
+    ``background`` 0/1/2 = none/median/opening of ``width`` bins per radius, then ``noise``
+    robust standard deviations off, clip, ``I ** gamma``, fold, radial ``weight``, zero mean,
+    unit norm: :func:`temlib.descriptors.descriptors_from_polar`. Without ``unfolded`` the
+    second array is empty (N, 0, 0) and not computed.
     """
-    n_pat, ky, kx = p.shape
-    rad = (gauss.shape[0] - 1) // 2
-    tmp = np.empty((ky, kx), np.float32)
-    padrow = np.empty(kx + 2 * rad, np.float32)
-    pad = np.zeros((ky + 3, kx + 3), np.float32)
-    flat = pad.ravel()
-    w = pad.shape[1]
-    ry, rx, zero = np.float32(ky + 1.0), np.float32(kx + 1.0), np.float32(0.0)
-    for n in range(n_pat):
-        if rad > 0:
-            _blur_into(p[n], gauss, tmp, padrow, pad)
-        else:
-            pad[1 : ky + 1, 1 : kx + 1] = p[n]
-        o = out[n]
-        o[:] = 0.0
-        cy1, cx1 = np.float32(centers[n, 0] + 1.0), np.float32(centers[n, 1] + 1.0)
-        sc = np.float32(scale[n])
-        for s in range(dy.shape[0]):
-            rr = min(max(cy1 + sc * dy[s], zero), ry)
-            cc = min(max(cx1 + sc * dx[s], zero), rx)
-            o[out_index[s]] += _bilinear(flat, w, rr, cc)
-        o *= inv_count
+    p = _stack(patterns)
+    n = len(p)
+    c, _ = _geometry(n, centers, None)
+    idx, inv = _bins(out_index, n_r * 2 * n_theta)
+    folded = np.empty((n, n_r, n_theta), np.float32)
+    unf = np.empty((n, n_r, 2 * n_theta) if unfolded else (0, n_r, 2 * n_theta), np.float32)
+    _descriptor_stack(
+        p, c, gaussian_taps(sigma_px), np.asarray(dy, np.float32).ravel(),
+        np.asarray(dx, np.float32).ravel(), idx, inv, int(background), int(width), float(noise),
+        float(gamma), np.asarray(weight, np.float32), bool(zero_mean), folded, unf,
+    )  # fmt: skip
+    return folded, (unf if unfolded else unf[:, :0, :0])

@@ -120,9 +120,9 @@ _INFERENCE = weakref.WeakKeyDictionary()  # model -> its traced inference functi
 def inference(model):
     """``model(x, training=False)`` as a traced TensorFlow graph, made once per model.
 
-    A Keras model called eagerly runs op by op; traced, the same network (the same
-    numbers) runs ~1.5x faster on CPU (measured on the phase classifier, 2,000 patterns:
-    696 -> 468 ms). Input shapes may vary (the last batch) without retracing.
+    A Keras model called eagerly runs op by op; traced, the same network runs ~1.5x faster
+    on CPU (phase classifier, 2,000 patterns: 696 -> 468 ms) with identical outputs
+    (classifier and regressor, 300 inputs: max difference 0). Input shapes may vary (the last batch) without retracing.
     """
     f = _INFERENCE.get(model)
     if f is None:

@@ -308,7 +308,6 @@ def _to_polar(
         (N,) 1/Å per px of each pattern (a calibration error drawn for augmentation included).
     """
     from . import _kernels
-    from .descriptors import SMOOTH_MIN_PX, _gaussian_taps
 
     n = len(p)
     size, o = prep.size, max(int(prep.oversample), 1)
@@ -318,27 +317,17 @@ def _to_polar(
     dx = (k[:, None] * np.cos(t)[None, :]).ravel()
     # sample (i, half, j, o) of the grid goes to input pixel (i, j)
     i, j = np.divmod(np.arange(dy.size) // o, 2 * size)
-    index = (i * size + j % size).astype(np.int64)
     # anti-aliasing: a Gaussian of half an input bin, so a sharp spot is not missed between samples
     sigma = 0.5 * prep.working_calibration / float(np.median(calibration))
-    gauss = _gaussian_taps(sigma) if sigma >= SMOOTH_MIN_PX else np.ones(1, np.float32)
-    c = np.ascontiguousarray(centers, np.float64).reshape(n, 2)
-    px_per_k = (1 / np.asarray(calibration, float)).astype(np.float32).reshape(n)
-    if not (np.isfinite(c).all() and np.isfinite(px_per_k).all()):
-        raise ValueError(
-            "Beam centres or calibrations hold NaN or infinite values; expected finite numbers"
-        )
-    out = np.empty((n, size * size), np.float32)
-    _kernels.binned_samples(
-        np.ascontiguousarray(p, np.float32),
-        c,
-        px_per_k,
-        gauss,
-        dy.astype(np.float32),
-        dx.astype(np.float32),
-        index,
-        np.full(size * size, 1 / (2 * o), np.float32),
-        out,
+    out = _kernels.binned_samples(
+        p,
+        centers,
+        dy,
+        dx,
+        i * size + j % size,
+        size * size,
+        sigma,
+        1 / np.asarray(calibration, float),
     )
     return out.reshape(n, size, size)
 

@@ -39,12 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paths
+from . import _kernels, paths
 
 log = logging.getLogger(__name__)
 
 BACKGROUNDS = ("none", "median", "opening")
-SMOOTH_MIN_PX = 0.3  # a prefilter narrower than this (px) is skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,19 +202,11 @@ def _polar_offsets(
     return r[:, None] * np.sin(th)[None, :], r[:, None] * np.cos(th)[None, :]
 
 
-def _gaussian_taps(sigma: float, truncate: float = 3.0) -> np.ndarray:
-    """SciPy's normalised 1-D Gaussian of ``gaussian_filter`` (radius ``int(truncate sigma + 0.5)``)."""
-    radius = int(truncate * sigma + 0.5)
-    x = np.arange(-radius, radius + 1)
-    g = np.exp(-0.5 / sigma**2 * x.astype(float) ** 2)
-    return (g / g.sum()).astype(np.float32)
-
-
 def prefilter(patterns: np.ndarray, calibration: float, settings: DescriptorSettings) -> np.ndarray:
     """Gaussian smoothing of (N, ky, kx) patterns by ``settings.smooth`` (1/Å), as float32."""
     p = np.asarray(patterns, np.float32)
     s_px = settings.smooth / calibration
-    if s_px < SMOOTH_MIN_PX:
+    if s_px < _kernels.SMOOTH_MIN_PX:
         return p
     from scipy import ndimage
 
@@ -313,60 +304,50 @@ def pattern_descriptors(
     centers = np.asarray(centers, float).reshape(len(p), 2)
 
     def part(a, c):
-        folded, unf = front_end(a, calibration, c, settings)
+        folded, unf = front_end(a, calibration, c, settings, unfolded)
         return (folded, unf) if unfolded else folded
 
     return _runtime.split_apply(part, p, centers)  # parts of the stack on every core
 
 
 def front_end(
-    patterns: np.ndarray, calibration: float, centers: np.ndarray, settings: DescriptorSettings
+    patterns: np.ndarray,
+    calibration: float,
+    centers: np.ndarray,
+    settings: DescriptorSettings,
+    unfolded: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Folded and unfolded descriptors of (N, ky, kx) patterns in one compiled pass.
+    """Folded and unfolded descriptors of (N, ky, kx) patterns in one compiled pass each.
 
     The same numbers as ``descriptors_from_polar(polar_transform(prefilter(...)), unfolded=True)``
-    (to float32 rounding), without the intermediate stacks: 2-3x less CPU time, and no
-    GIL, so threads share the work (``benchmarks/bench_pipeline.py``, front end row).
+    (to float32 rounding), without the intermediate stacks: 2.5-3x less CPU time, and no
+    GIL, so threads share the work (:func:`temlib._kernels.polar_descriptors`). Without
+    ``unfolded`` the second array is empty and not computed.
     """
-    from . import _kernels
-
-    p = np.asarray(patterns)
-    if p.ndim != 3:
-        raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
-    if p.dtype not in (np.uint8, np.uint16, np.float32):  # the kernel's compiled types
-        p = p.astype(np.float32)
-    p = np.ascontiguousarray(p)
-    n = len(p)
-    s_px = settings.smooth / calibration
-    gauss = np.ones(1, np.float32) if s_px < SMOOTH_MIN_PX else _gaussian_taps(s_px)
     dy, dx = _polar_offsets(calibration, settings)
+    ov = max(int(settings.oversample), 1)
+    n2 = 2 * settings.n_theta
+    s = np.arange(dy.size)
     w = np.ones(settings.n_r)
     if settings.radial_weight:
         w = (radii(settings) / settings.r_max) ** settings.radial_weight
-    c = np.ascontiguousarray(centers, dtype=np.float64).reshape(n, 2)
-    if not np.isfinite(c).all():
-        raise ValueError(
-            "Direct-beam centres hold NaN or infinite values; expected (N, 2) finite px"
-        )
-    folded = np.empty((n, settings.n_r, settings.n_theta), np.float32)
-    unf = np.empty((n, settings.n_r, 2 * settings.n_theta), np.float32)
-    _kernels.front_end(
-        p,
-        c,
-        gauss,
-        dy.astype(np.float32),
-        dx.astype(np.float32),
-        max(int(settings.oversample), 1),
+    return _kernels.polar_descriptors(
+        patterns,
+        centers,
+        dy,
+        dx,
+        (s // (ov * n2)) * n2 + s % n2,  # sample (radius bin, oversample, azimuth) -> bin
+        settings.n_r,
+        settings.n_theta,
+        settings.smooth / calibration,
         BACKGROUNDS.index(settings.background),
         _opening_width(settings),
-        float(settings.noise_k),
-        float(settings.gamma),
-        w.astype(np.float32),
-        bool(settings.zero_mean),
-        folded,
-        unf,
+        settings.noise_k,
+        settings.gamma,
+        w,
+        settings.zero_mean,
+        unfolded,
     )
-    return folded, unf
 
 
 def pattern_descriptor(
