@@ -321,3 +321,103 @@ def polar_descriptors(
         float(gamma), np.asarray(weight, np.float32), bool(zero_mean), folded, unf,
     )  # fmt: skip
     return folded, (unf if unfolded else unf[:, :0, :0])
+
+
+# --------------------------------------------------------------------------------------
+# Templates: Gaussian spots drawn on the polar grid
+# --------------------------------------------------------------------------------------
+
+SPOT_CUT = 6.5  # a template spot is drawn out to this many sigma (beyond: < 7e-10 of its peak)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _draw_spots(xy, w, rb, th_bins, period, s2, cut, weight, zero_mean, out):
+    n_r, n_th = out.shape[1], out.shape[2]
+    rb0 = rb[0]
+    dr = (rb[n_r - 1] - rb[0]) / max(n_r - 1, 1)
+    step = np.float32(period / n_th)
+    arc = np.empty(n_th, np.float32)
+    half_period = np.float32(period / 2)
+    for t in range(out.shape[0]):
+        o = out[t]
+        o[:] = 0
+        for s in range(w.shape[1]):
+            ws = w[t, s]
+            if ws == 0:
+                continue
+            x, y = xy[t, s, 0], xy[t, s, 1]
+            r = np.float32(np.sqrt(x * x + y * y))
+            k0 = max(0, int(np.floor((r - cut - rb0) / dr)))
+            k1 = min(n_r - 1, int(np.ceil((r + cut - rb0) / dr)))  # bin centres rb0 + k dr
+            if k0 > k1:
+                continue
+            th = np.float32(np.arctan2(y, x)) % np.float32(period)
+            if r * half_period <= cut:  # the spot's arc spans the whole circle
+                j0, j1 = 0, n_th - 1
+            else:
+                half = cut / r
+                j0 = int(np.floor((th - half) / step))
+                j1 = int(np.ceil((th + half) / step))
+                if j1 - j0 + 1 > n_th:
+                    j0, j1 = 0, n_th - 1
+            for j in range(j0, j1 + 1):
+                jj = j % n_th
+                d = (th_bins[jj] - th + half_period) % np.float32(period) - half_period
+                arc[jj] = np.exp(-((r * d) ** 2) / s2)
+            for k in range(k0, k1 + 1):
+                rk = rb[k] - r
+                a = ws * np.exp(-(rk * rk) / s2)
+                for j in range(j0, j1 + 1):
+                    jj = j % n_th
+                    o[k, jj] += a * arc[jj]
+        total = 0.0
+        for k in range(n_r):  # radial weight, zero mean, unit norm (descriptors._finish)
+            for j in range(n_th):
+                o[k, j] *= weight[k]
+                total += o[k, j]
+        mean = np.float32(total / (n_r * n_th)) if zero_mean else np.float32(0.0)
+        sq = 0.0
+        for k in range(n_r):
+            for j in range(n_th):
+                o[k, j] -= mean
+                sq += np.float64(o[k, j]) * o[k, j]
+        if sq > 0:
+            inv = np.float32(1.0 / np.sqrt(sq))
+            for k in range(n_r):
+                for j in range(n_th):
+                    o[k, j] *= inv
+
+
+def draw_spots(
+    xy: np.ndarray, weight: np.ndarray, radii: np.ndarray, azimuths: np.ndarray, period: float,
+    sigma: float, radial_weight: np.ndarray, zero_mean: bool,
+) -> np.ndarray:  # fmt: skip
+    """(T, n_r, n_azimuth) template descriptors: spot s of template t a Gaussian of width ``sigma``.
+
+    Each spot adds ``weight * exp(-((r_k - r)^2 + (r d_j)^2) / (2 sigma^2))`` at the
+    evenly spaced bin-centre radii ``r_k`` and the azimuths ``j period / n_azimuth``
+    (``azimuths``, over [0, period)), ``d_j`` the azimuth difference wrapped to
+    [-period/2, period/2): :func:`temlib.descriptors.template_descriptors`' drawing, only
+    over the bins within :data:`SPOT_CUT` sigma of the spot instead of all of them. Then
+    each template times ``radial_weight`` (n_r,), less its mean when ``zero_mean``, unit L2
+    norm (all zero stays zero): ``descriptors._finish``.
+    """
+    xy = np.ascontiguousarray(xy, np.float32)
+    w = np.ascontiguousarray(weight, np.float32)
+    if xy.ndim != 3 or xy.shape[-1] != 2 or w.shape != xy.shape[:2]:
+        raise ValueError(
+            f"Spot arrays of shapes {xy.shape} and {w.shape} do not match; expected (T, S, 2) and (T, S)"
+        )
+    if not np.isfinite(xy).all():
+        raise ValueError("Spot positions hold NaN or infinite values; expected finite numbers")
+    rb = np.ascontiguousarray(radii, np.float32)
+    th = np.ascontiguousarray(azimuths, np.float32)
+    out = np.empty((len(xy), len(rb), len(th)), np.float32)
+    rw = np.ascontiguousarray(radial_weight, np.float32)
+    if rw.shape != rb.shape:
+        raise ValueError(f"Radial weight of shape {rw.shape}; expected {rb.shape}, one per radius")
+    _draw_spots(
+        xy, w, rb, th, float(period), np.float32(2 * sigma**2), np.float32(SPOT_CUT * sigma),
+        rw, bool(zero_mean), out,
+    )  # fmt: skip
+    return out

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _kernels, paths
+from . import _kernels, _runtime, paths
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,6 @@ def template_descriptors(
     xy: np.ndarray,
     intensity: np.ndarray,
     settings: DescriptorSettings | None = None,
-    batch: int = 1024,
     unfolded: bool = False,
 ) -> np.ndarray:
     """Descriptors of simulated spot lists, drawn on the folded polar grid.
@@ -419,8 +418,6 @@ def template_descriptors(
         (T, S) spot intensities, 0 for padding.
     settings
         Default :func:`load_settings`.
-    batch
-        Templates drawn at once.
     unfolded
         Draw on the unfolded grid over [0, 360) deg instead, (T, n_r, 2 n_theta): a spot
         and its Friedel mate stay apart.
@@ -440,31 +437,25 @@ def template_descriptors(
         order = np.argsort(-inten, axis=1, kind="stable")[:, : settings.n_spots]
         xy = np.take_along_axis(xy, order[..., None], axis=1)
         inten = np.take_along_axis(inten, order, axis=1)
-    rb = radii(settings).astype(np.float32)
     period = 2 * np.pi if unfolded else np.pi
-    th = (np.arange(settings.n_theta * (2 if unfolded else 1)) * np.pi / settings.n_theta).astype(
-        np.float32
+    th = np.arange(settings.n_theta * (2 if unfolded else 1)) * np.pi / settings.n_theta
+    rb = radii(settings)
+    weight = (rb / settings.r_max) ** settings.radial_weight  # _finish's, in the kernel
+    r = np.hypot(xy[..., 0], xy[..., 1])
+    imax = inten.max(axis=1, keepdims=True) if inten.size else inten[:, :1]
+    w = np.where(
+        inten > 0, (inten / np.where(imax > 0, imax, 1)) ** settings.template_gamma, 0
+    ).astype(np.float32)
+    w = np.where(
+        (r > settings.r_min - 3 * settings.sigma) & (r < settings.r_max + 3 * settings.sigma), w, 0
     )
-    s2 = np.float32(2 * settings.sigma**2)
-    out = np.empty((len(xy), settings.n_r, len(th)), np.float32)
-    for a in range(0, len(xy), batch):
-        sx, si = xy[a : a + batch], inten[a : a + batch]
-        r = np.hypot(sx[..., 0], sx[..., 1])
-        t = np.mod(np.arctan2(sx[..., 1], sx[..., 0]), period)
-        imax = si.max(axis=1, keepdims=True)
-        w = np.where(
-            si > 0, (si / np.where(imax > 0, imax, 1)) ** settings.template_gamma, 0
-        ).astype(np.float32)
-        w = np.where(
-            (r > settings.r_min - 3 * settings.sigma) & (r < settings.r_max + 3 * settings.sigma),
-            w,
-            0,
-        )
-        radial = np.exp(-((rb[None, None, :] - r[..., None]) ** 2) / s2)  # (B, S, n_r)
-        d = np.mod(th[None, None, :] - t[..., None] + period / 2, period) - period / 2
-        arc = np.exp(-((r[..., None] * d) ** 2) / s2)  # (B, S, n_theta)
-        out[a : a + batch] = np.matmul((radial * w[..., None]).transpose(0, 2, 1), arc)
-    return _finish(out, settings.zero_mean, settings)
+    out = _runtime.split_apply(  # the drawing compiled, on every core
+        lambda x_, w_: _kernels.draw_spots(
+            x_, w_, rb, th, period, settings.sigma, weight, settings.zero_mean
+        ),
+        xy, w, min_part=64,
+    )  # fmt: skip
+    return out
 
 
 def library_descriptors(lib, settings: DescriptorSettings | None = None) -> np.ndarray:

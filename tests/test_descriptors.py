@@ -237,3 +237,41 @@ def test_front_end_rejects_bad_centres():
         D.front_end(pats, 0.02, np.array([[16.0, 16.0], [np.nan, 16.0]]), ST)
     with pytest.raises(ValueError, match="not a stack"):
         D.front_end(pats[0], 0.02, np.array([[16.0, 16.0]]), ST)
+
+
+def _dense_templates(xy, inten, st, unfolded):
+    # every spot drawn on every bin in NumPy: the formula the compiled drawing keeps
+    order = np.argsort(-inten, axis=1, kind="stable")[:, : st.n_spots]
+    xy = np.take_along_axis(xy, order[..., None], axis=1).astype(np.float32)
+    inten = np.take_along_axis(inten, order, axis=1).astype(np.float32)
+    period = 2 * np.pi if unfolded else np.pi
+    th = (np.arange(st.n_theta * (2 if unfolded else 1)) * np.pi / st.n_theta).astype(np.float32)
+    rb = D.radii(st).astype(np.float32)
+    r = np.hypot(xy[..., 0], xy[..., 1])
+    t = np.mod(np.arctan2(xy[..., 1], xy[..., 0]), period)
+    w = (inten / inten.max(axis=1, keepdims=True)) ** st.template_gamma
+    w = np.where((r > st.r_min - 3 * st.sigma) & (r < st.r_max + 3 * st.sigma) & (inten > 0), w, 0)
+    radial = np.exp(-((rb - r[..., None]) ** 2) / (2 * st.sigma**2))
+    d = np.mod(th - t[..., None] + period / 2, period) - period / 2
+    arc = np.exp(-((r[..., None] * d) ** 2) / (2 * st.sigma**2))
+    out = np.einsum("tsr,tsa->tra", radial * w[..., None], arc)
+    out = out * ((rb / st.r_max) ** st.radial_weight)[:, None]
+    if st.zero_mean:
+        out = out - out.mean(axis=(1, 2), keepdims=True)
+    return out / np.linalg.norm(out, axis=(1, 2), keepdims=True)
+
+
+@pytest.mark.parametrize("unfolded", [False, True])
+@pytest.mark.parametrize(
+    "changes", [{}, {"zero_mean": True, "radial_weight": 0.0, "sigma": 0.06, "n_spots": 8}]
+)
+def test_compiled_template_drawing_equals_dense_formula(rng, unfolded, changes):
+    st = ST.replace(**changes)
+    q = rng.normal(size=(300, 4))
+    xy, inten = _spots_at(q / np.linalg.norm(q, axis=1, keepdims=True))
+    xy[0, 0] = [0.0, 0.2]  # a spot near the centre: its arc spans the whole circle
+    got = D.template_descriptors(xy, inten, st, unfolded=unfolded)
+    ref = _dense_templates(xy, inten, st, unfolded)
+    assert got.shape == ref.shape == (300, st.n_r, st.n_theta * (2 if unfolded else 1))
+    np.testing.assert_allclose(got, ref, atol=3e-5)
+    assert np.abs(got).max() > 0.1  # spots drawn, not an empty grid
