@@ -660,6 +660,24 @@ class SearchSpace:
     learning_rate: tuple = (1e-3, 3e-3)
 
 
+BLOCK_NAME = "descriptor"  # the search's block: its hyperparameters are "descriptor/<name>"
+
+
+def _time_limit(seconds: float):
+    """A Keras callback that stops training after the first epoch ending past ``seconds``."""
+    keras = _keras()
+
+    class TimeLimit(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if time.perf_counter() - self.t0 > seconds:
+                self.model.stop_training = True
+
+    return TimeLimit()
+
+
 MAX_TRUNK_FEATURES = (
     4096  # 4096 x 512 dense weights: the largest network stays below 3 M parameters
 )
@@ -806,8 +824,16 @@ def search(
     seed: int = 0,
     verbose: int = 0,
     canonical: bool = True,
+    trial_seconds: float | None = None,
 ) -> Regressor:
     """Find and train a regressor for ``phase`` with AutoKeras; resumable.
+
+    The first trial is the space's first choice of everything (by default a multilayer
+    perceptron: fast to train on a CPU and good at this), the next ones AutoKeras'
+    greedy steps from the best so far: the search starts from a known-good network
+    instead of a random draw. (Measured on ferrite, default profile: a randomly drawn
+    first trial, a convolutional network, ended 4 epochs in ~40 s at a 34 deg validation
+    median; the perceptron trains 25 epochs in 40 s to 4.0 deg.)
 
     Parameters
     ----------
@@ -818,7 +844,9 @@ def search(
     val_fraction
         Held-out fraction for the search objective (``val_loss``).
     max_trials, epochs, batch_size
-        Search budget.
+        Search budget (early stopping ends a trial whose validation loss stalls for 3 epochs).
+    trial_seconds
+        Wall-time limit of one trial (it stops after the epoch that passes it); 0 or None: none.
     space
         :class:`SearchSpace`.
     tuner
@@ -830,9 +858,10 @@ def search(
     valid = ("greedy", "bayesian", "random", "hyperband")
     if tuner not in valid:
         raise ValueError(f"Unknown tuner {tuner!r}; expected one of {valid}")
-    if max_trials < 1 or epochs < 1:
+    if max_trials < 1 or epochs < 1 or not (trial_seconds or 0) >= 0:
         raise ValueError(
-            f"Search budget max_trials={max_trials!r}, epochs={epochs!r} is invalid; expected integers >= 1"
+            f"Search budget max_trials={max_trials!r}, epochs={epochs!r}, trial_seconds={trial_seconds!r} "
+            "is invalid; expected integers >= 1 and a time >= 0 s (0 or None: no limit)"
         )
     desc = np.asarray(desc, np.float32)
     q = np.asarray(q, float)
@@ -861,6 +890,8 @@ def search(
         space=dataclasses.asdict(space),
         tuner=tuner,
         seed=seed,
+        trial_seconds=trial_seconds or None,
+        first_trial="space defaults",
     )
     digest = hashlib.sha1(
         desc[:: max(1, len(desc) // 500)].tobytes() + q.tobytes()[:65536]
@@ -874,7 +905,7 @@ def search(
     project_name = project_name or f"{phase}-{key}"
     directory.mkdir(parents=True, exist_ok=True)
     inp = ak.Input()
-    x = _descriptor_block()(space=dataclasses.asdict(space))(inp)
+    x = _descriptor_block()(space=dataclasses.asdict(space), name=BLOCK_NAME)(inp)
     out = ak.RegressionHead(output_dim=6, loss=symmetric_loss(phase), metrics=[], dropout=0.0)(x)
     from keras_tuner import HyperParameters
 
@@ -883,11 +914,17 @@ def search(
     fixed.Choice("learning_rate", list(space.learning_rate), default=space.learning_rate[0])
     from . import _runtime
 
+    first = {"optimizer": "adam", "learning_rate": space.learning_rate[0]} | {
+        f"{BLOCK_NAME}/{k}": v[0]
+        for k, v in dataclasses.asdict(space).items()
+        if k != "learning_rate" and len(v) > 1
+    }
     am = _runtime.auto_model(
         inputs=inp,
         outputs=out,
         max_trials=max_trials,
         tuner=tuner,
+        **({"initial_hps": [first]} if tuner == "greedy" else {}),
         directory=str(directory),
         project_name=project_name,
         overwrite=overwrite,
@@ -905,13 +942,18 @@ def search(
         validation_data=(desc[vi], y[vi]),
         epochs=epochs,
         batch_size=batch_size,
-        callbacks=[stop],
+        callbacks=[stop] + ([_time_limit(trial_seconds)] if trial_seconds else []),
         verbose=verbose,
     )
     seconds = time.perf_counter() - t0
     model = am.export_model()
     trials = [
-        dict(trial_id=t.trial_id, val_loss=t.score, hp=dict(t.hyperparameters.values))
+        dict(
+            trial_id=t.trial_id,
+            val_loss=t.score,
+            epochs=len(t.metrics.get_history("val_loss")) if t.metrics.exists("val_loss") else None,
+            hp=dict(t.hyperparameters.values),
+        )
         for t in am.tuner.oracle.get_best_trials(max_trials)
     ]
     reg = Regressor(model, phase, settings, "6d", canonical=False)
@@ -1167,12 +1209,14 @@ def train_euler_baseline(
     learning_rate: float = 1e-3,
     seed: int = 0,
     verbose: int = 0,
+    trial_seconds: float | None = None,
 ) -> Regressor:
     """The naive baseline: the architecture of ``reg``, retrained from scratch on Bunge Euler angles.
 
     Targets are the Euler angles (rad) of the fundamental-zone representatives, the loss a
     mean squared error; inputs are canonicalised as for ``reg``. Same data and budget as
-    the search, so the difference measures the target and loss alone.
+    the search (``epochs``, wall-time limit ``trial_seconds``), so the difference
+    measures the target and loss alone.
     """
     keras = _keras()
     desc = np.asarray(desc, np.float32)
@@ -1189,12 +1233,19 @@ def train_euler_baseline(
     _compile(model, "mse", learning_rate)
     perm = np.random.default_rng(seed).permutation(len(desc))
     t0 = time.perf_counter()
-    model.fit(desc[perm], y[perm], epochs=epochs, batch_size=batch_size, verbose=verbose)
+    hist = model.fit(
+        desc[perm],
+        y[perm],
+        epochs=epochs,
+        batch_size=batch_size,
+        verbose=verbose,
+        callbacks=[_time_limit(trial_seconds)] if trial_seconds else [],
+    )
     meta = dict(
         phase=reg.phase,
         target="euler",
         seconds=time.perf_counter() - t0,
-        epochs=epochs,
+        epochs=len(hist.history.get("loss", [])),
         n_train=len(desc),
     )
     return Regressor(model, reg.phase, reg.settings, "euler", reg.canonical, meta)
@@ -1944,6 +1995,7 @@ def train_phase(
     directory: str | Path | None = None,
     n_candidates: int = 0,
     seed: int = 0,
+    trial_seconds: float | None = None,
 ) -> PhaseRun:
     """Train (architecture search), fine-tune and evaluate the regressor of ``phase``.
 
@@ -1964,6 +2016,8 @@ def train_phase(
         Folder to save the fine-tuned regressor in (None: not saved).
     directory
         Where the search trials go (resumable), default ``data/cache/regress``.
+    trial_seconds
+        Wall-time limit of each search trial and of the baseline (:func:`search`).
     n_candidates
         Beam directions the hybrid searches around each seed; 0: chosen with the fallback
         threshold, the cheapest pair that keeps the hybrid within 0.2 deg of template
@@ -1983,13 +2037,16 @@ def train_phase(
     secs["simulate"] = time.perf_counter() - t
     t = time.perf_counter()
     reg = search(
-        x, q, phase, settings, max_trials=max_trials, epochs=epochs, directory=directory, seed=seed
-    )
+        x, q, phase, settings, max_trials=max_trials, epochs=epochs, directory=directory,
+        seed=seed, trial_seconds=trial_seconds,
+    )  # fmt: skip
     secs["search"] = time.perf_counter() - t
     base = None
     if baseline:
         t = time.perf_counter()
-        base = train_euler_baseline(reg, x, q, epochs=epochs, seed=seed)
+        base = train_euler_baseline(
+            reg, x, q, epochs=epochs, seed=seed, trial_seconds=trial_seconds
+        )
         secs["baseline"] = time.perf_counter() - t
     xt, qt = real_set([maps["train1"], maps["train2"]], phase, settings, finetune_patterns, rng=rng)
     xe, qe = real_set([maps["test"]], phase, settings, test_patterns, rng=rng)

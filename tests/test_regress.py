@@ -137,6 +137,36 @@ def test_every_architecture_of_the_space_fits_the_size_limit():
     assert max(sizes) < 3_000_000
 
 
+def test_search_starts_from_the_space_defaults(tmp_path):
+    # the first trial is every choice's first value (not a random draw), and the time
+    # limit ends a trial after the epoch that passes it
+    st = descriptors.DescriptorSettings()
+    x, q = regress.synthetic_set("ferrite", 600, st, randomization=CLEAN, n_shifts=2, rng=0)
+    space = regress.SearchSpace(
+        conv_blocks=(0, 1), dense_layers=(1, 2), dense_units=(32, 64), dropout=(0.0, 0.1)
+    )
+    reg = regress.search(
+        x, q, "ferrite", st, max_trials=1, epochs=500, batch_size=64, space=space,
+        directory=tmp_path, trial_seconds=1.0,
+    )  # fmt: skip
+    (trial,) = reg.metadata["search"]["trials"]
+    hp = {k.split("/")[-1]: v for k, v in trial["hp"].items()}
+    assert hp["conv_blocks"] == 0 and hp["dense_layers"] == 1 and hp["dense_units"] == 32
+    assert hp["dropout"] == 0.0 and hp["learning_rate"] == space.learning_rate[0]
+    assert 1 <= trial["epochs"] < 500  # stopped by the time limit (or early stopping)
+    with pytest.raises(ValueError, match="time >= 0"):
+        regress.search(x, q, "ferrite", st, trial_seconds=-1.0, directory=tmp_path)
+
+
+def test_time_limit_stops_training():
+    keras = regress._keras()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    x = np.zeros((8, 4), np.float32)
+    hist = model.fit(x, x[:, :1], epochs=10_000, verbose=0, callbacks=[regress._time_limit(0.2)])
+    assert 1 <= len(hist.history["loss"]) < 10_000
+
+
 @pytest.fixture(scope="module")
 def tiny_regressor(tmp_path_factory):
     st = descriptors.DescriptorSettings()
