@@ -1,4 +1,4 @@
-"""Compiled kernels (numba) of the per-pattern front end.
+"""Compiled kernels (numba) of the per-pattern front end and of template drawing.
 
 One pass per pattern over what :mod:`temlib.descriptors` does in NumPy steps
 (``prefilter`` -> ``polar_transform`` -> ``descriptors_from_polar``): the intermediate
@@ -370,22 +370,9 @@ def _draw_spots(xy, w, rb, th_bins, period, s2, cut, weight, zero_mean, out):
                 for j in range(j0, j1 + 1):
                     jj = j % n_th
                     o[k, jj] += a * arc[jj]
-        total = 0.0
-        for k in range(n_r):  # radial weight, zero mean, unit norm (descriptors._finish)
-            for j in range(n_th):
-                o[k, j] *= weight[k]
-                total += o[k, j]
-        mean = np.float32(total / (n_r * n_th)) if zero_mean else np.float32(0.0)
-        sq = 0.0
-        for k in range(n_r):
-            for j in range(n_th):
-                o[k, j] -= mean
-                sq += np.float64(o[k, j]) * o[k, j]
-        if sq > 0:
-            inv = np.float32(1.0 / np.sqrt(sq))
-            for k in range(n_r):
-                for j in range(n_th):
-                    o[k, j] *= inv
+        for k in range(n_r):  # radial weight, then zero mean and unit norm as the patterns'
+            o[k] *= weight[k]
+        _normalise(o, zero_mean)
 
 
 def draw_spots(
@@ -400,15 +387,11 @@ def draw_spots(
     [-period/2, period/2): :func:`temlib.descriptors.template_descriptors`' drawing, only
     over the bins within :data:`SPOT_CUT` sigma of the spot instead of all of them. Then
     each template times ``radial_weight`` (n_r,), less its mean when ``zero_mean``, unit L2
-    norm (all zero stays zero): ``descriptors._finish``.
+    norm (all zero stays zero): ``descriptors._finish``, by the patterns' :func:`_normalise`.
     """
-    xy = np.ascontiguousarray(xy, np.float32)
+    xy = np.ascontiguousarray(xy, np.float32)  # shapes checked by template_descriptors
     w = np.ascontiguousarray(weight, np.float32)
-    if xy.ndim != 3 or xy.shape[-1] != 2 or w.shape != xy.shape[:2]:
-        raise ValueError(
-            f"Spot arrays of shapes {xy.shape} and {w.shape} do not match; expected (T, S, 2) and (T, S)"
-        )
-    if not np.isfinite(xy).all():
+    if not np.isfinite(xy).all():  # the compiled loop turns coordinates into bin indices
         raise ValueError("Spot positions hold NaN or infinite values; expected finite numbers")
     rb = np.ascontiguousarray(radii, np.float32)
     th = np.ascontiguousarray(azimuths, np.float32)
