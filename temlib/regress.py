@@ -586,9 +586,10 @@ def canonicalize(desc: np.ndarray, smooth_bins: float = 1.0) -> tuple[np.ndarray
     den = y0 - 2 * y1 + y2
     delta = np.clip(np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1), 0.0), -0.5, 0.5)
     shift = i0 + delta  # bins
-    fd = fft.rfft(d, axis=-1)
-    ramp = np.exp(2j * np.pi * k[None, :] * shift[:, None] / n_theta)[:, None, :]
-    canonical = fft.irfft(fd * ramp, n=n_theta, axis=-1).astype(np.float32)
+    fd = fft.rfft(d, axis=-1)  # complex64: the ramp too, or the product and inverse go double
+    ramp = np.exp(2j * np.pi * k[None, :] * shift[:, None] / n_theta).astype(np.complex64)
+    fd *= ramp[:, None, :]
+    canonical = fft.irfft(fd, n=n_theta, axis=-1).astype(np.float32, copy=False)
     return canonical, shift * step
 
 
@@ -1495,6 +1496,7 @@ def load_models(
             classifier = False
     if classifier is not False:
         clf = classify.load_classifier(classifier)
+        clf.bfloat16 = True  # online indexing: the network in bfloat16 where the CPU has it
         unknown = [p for p in clf.phases if p not in phases]
         if unknown:
             raise ValueError(f"The classifier knows phases {clf.phases}; expected only {phases}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from temlib import classify, cli, config, synth
+from temlib import _runtime, classify, cli, config, synth
 
 
 def planted(
@@ -340,6 +340,28 @@ def test_saved_model_predicts_the_same(tiny, ci_data, tmp_path):
     np.testing.assert_allclose(
         proba[np.arange(10), np.arange(10)], back.predict_proba(raw, cal), atol=1e-5
     )
+
+
+def test_bfloat16_network_gives_the_float32_phases(tiny, ci_data, monkeypatch):
+    cfg, maps, prep, tr, va = ci_data
+    signal = maps["test"].load()
+    raw = classify.read_patterns(signal, np.arange(24), np.arange(24))
+    cal = float(signal.axes_manager.signal_axes[0].scale)
+    clf = tiny.classifier
+    f32 = clf.predict_proba(raw, cal)
+    clf.bfloat16 = True
+    try:
+        bf = clf.predict_proba(raw, cal)
+        # where OpenVINO or the CPU's bfloat16 is missing, the float32 network answers
+        monkeypatch.setattr(_runtime, "bfloat16_inference", lambda model: None)
+        fallback = clf.predict_proba(raw, cal)
+    finally:
+        clf.bfloat16 = False
+    assert bf.dtype == np.float32 and bf.shape == f32.shape
+    np.testing.assert_allclose(bf.sum(axis=1), 1, atol=1e-2)
+    np.testing.assert_allclose(bf, f32, atol=2e-2)
+    assert (bf.argmax(axis=1) == f32.argmax(axis=1)).mean() >= 0.9
+    np.testing.assert_array_equal(fallback, f32)
 
 
 def test_load_classifier_missing_says_how_to_train(tmp_path):
