@@ -148,6 +148,52 @@ def _blur_into(img, gauss, tmp, padrow, out):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
+def _box_peaks(patterns, r0, c0, gauss, inside, out):
+    """Per pattern: flat index in the box of the maximum of its blurred box where ``inside``."""
+    n = patterns.shape[0]
+    by, bx = inside.shape
+    rad = (gauss.shape[0] - 1) // 2
+    box = np.empty((by, bx), np.float32)
+    tmp = np.empty((by, bx), np.float32)
+    padrow = np.empty(bx + 2 * rad, np.float32)
+    blur = np.zeros((by + 2, bx + 2), np.float32)
+    for k in range(n):
+        for i in range(by):  # the box as contiguous float32 rows (vectorised blur)
+            for j in range(bx):
+                box[i, j] = patterns[k, r0 + i, c0 + j]
+        _blur_into(box, gauss, tmp, padrow, blur)
+        best, arg = -np.inf, 0
+        for i in range(by):
+            for j in range(bx):
+                if inside[i, j] and blur[i + 1, j + 1] > best:
+                    best, arg = blur[i + 1, j + 1], i * bx + j
+        out[k] = arg
+
+
+def box_peaks(
+    patterns: np.ndarray,
+    origin: tuple[int, int],
+    inside: np.ndarray,
+    sigma: float,
+    truncate: float = 3.0,
+) -> np.ndarray:
+    """(N,) flat indices of the maxima, within the (by, bx) mask ``inside``, of the boxes
+    ``patterns[:, r0:r0 + by, c0:c0 + bx]`` (``origin`` = (r0, c0)) blurred by a Gaussian of
+    ``sigma`` px (SciPy's ``gaussian_filter``, mode 'reflect', on the box alone); first
+    maximum on ties. The patterns stay in their dtype: only the boxes are converted."""
+    p = _stack(patterns)
+    m = np.ascontiguousarray(inside, bool)
+    r0, c0 = int(origin[0]), int(origin[1])
+    if r0 < 0 or c0 < 0 or r0 + m.shape[0] > p.shape[1] or c0 + m.shape[1] > p.shape[2]:
+        raise ValueError(
+            f"Box {m.shape} at {(r0, c0)} does not fit patterns of {p.shape[1:]}; expected it inside"
+        )
+    out = np.empty(len(p), np.int64)
+    _box_peaks(p, r0, c0, gaussian_taps(sigma, truncate), m, out)
+    return out
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
 def _load(img, gauss, tmp, padrow, pad):
     """The pattern (blurred with ``gauss`` unless it has one tap) into ``pad``'s 1 px zero border."""
     ky, kx = img.shape

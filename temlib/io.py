@@ -303,9 +303,9 @@ def find_direct_beam(
     window
         Half side (px) of the centroid box.
     """
-    from scipy import ndimage
+    from . import _kernels
 
-    p = np.asarray(patterns, dtype=np.float32)
+    p = np.asarray(patterns)
     lead = p.shape[:-2]
     ky, kx = p.shape[-2:]
     p = p.reshape(-1, ky, kx)
@@ -315,18 +315,18 @@ def find_direct_beam(
     c_lo, c_hi = max(int(kx / 2 - radius), 0), min(int(np.ceil(kx / 2 + radius)) + 1, kx)
     m = 9  # the blur's reach (3 sigma): the blur inside the search box is exact
     o_r, o_c = max(r_lo - m, 0), max(c_lo - m, 0)
-    sub = p[:, o_r : min(r_hi + m, ky), o_c : min(c_hi + m, kx)]
-    sm = ndimage.gaussian_filter(sub, sigma=(0, 3, 3), truncate=3.0)
-    rr, cc = np.mgrid[o_r : o_r + sub.shape[1], o_c : o_c + sub.shape[2]]
+    rr, cc = np.mgrid[o_r : min(r_hi + m, ky), o_c : min(c_hi + m, kx)]
     mask = (rr - ky / 2) ** 2 + (cc - kx / 2) ** 2 <= radius**2
-    flat = np.where(mask, sm, -np.inf).reshape(n, -1).argmax(axis=1)
-    r0, c0 = np.unravel_index(flat, sm.shape[1:])
+    # blur (3 px, mode 'reflect', on the box) + argmax in the mask, compiled; only the box
+    # is converted to float
+    flat = _kernels.box_peaks(p, (o_r, o_c), mask, 3.0)
+    r0, c0 = np.unravel_index(flat, mask.shape)
     r0, c0 = r0 + o_r, c0 + o_c
     d = np.arange(-window, window + 1)
     gr = np.clip(r0[:, None] + d[None], 0, ky - 1)
     gc = np.clip(c0[:, None] + d[None], 0, kx - 1)
-    win = p[np.arange(n)[:, None, None], gr[:, :, None], gc[:, None, :]]  # (N, w, w)
-    lo = median_last(p[:, ::4, ::4].reshape(n, -1))[:, 0]
+    win = p[np.arange(n)[:, None, None], gr[:, :, None], gc[:, None, :]].astype(np.float32)
+    lo = median_last(p[:, ::4, ::4].reshape(n, -1).astype(np.float32))[:, 0]
     thr = lo + 0.5 * (win.reshape(n, -1).max(axis=1) - lo)
     wt = np.clip(win - thr[:, None, None], 0, None)
     tot = wt.sum(axis=(1, 2))

@@ -181,3 +181,26 @@ def test_median_last_is_numpys_median(rng, m):
     x = rng.random((6, 5, m)).astype(np.float32)
     x[0, 0] = 3.0  # ties
     np.testing.assert_array_equal(io.median_last(x), np.median(x, axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+def test_box_peaks_is_scipy_blur_and_argmax(rng, dtype):
+    # the compiled blur + masked argmax of the beam finder equals SciPy's gaussian_filter
+    # (mode 'reflect' on the box) + argmax, for boxes off the pattern's corner
+    from scipy import ndimage
+
+    from temlib import _kernels
+
+    pats = (rng.random((7, 40, 50)) * 100).astype(dtype)
+    pats[:, 18:23, 28:33] = 255  # a bright 5 px square: its blurred centre is the peak
+    origin, shape = (5, 8), (27, 33)
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    inside = (rr - 13) ** 2 + (cc - 16) ** 2 <= 12**2
+    box = pats[:, 5:32, 8:41].astype(np.float32)
+    sm = ndimage.gaussian_filter(box, sigma=(0, 3, 3), truncate=3.0)
+    want = np.where(inside, sm, -np.inf).reshape(7, -1).argmax(axis=1)
+    got = _kernels.box_peaks(pats, origin, inside, 3.0)
+    np.testing.assert_array_equal(got, want)
+    assert np.all(got == (20 - 5) * shape[1] + (30 - 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        _kernels.box_peaks(pats, (20, 8), inside, 3.0)
