@@ -2,8 +2,8 @@
 
 Times ``temlib.track.track_frames`` (grey conversion, YOLO detection, linking) frame by frame
 on a synthetic 1024 px video, median over frames after a warm-up, for each model file of the
-in-situ model folder: the exported model (OpenVINO / ONNX) against PyTorch ``best.pt`` (the
-peer, measured in the same run). Threads: ``TEMLIB_THREADS`` (default: all cores).
+in-situ model folder: the exported models (OpenVINO INT8, OpenVINO in the CPU's default
+precision, ONNX) against PyTorch ``best.pt`` (the peer, measured in the same run). Threads: ``TEMLIB_THREADS`` (default: all cores).
 On a shared machine wall times depend on the load, so the process CPU time per frame is
 printed too, with the rate it allows when the threads have the cores to themselves.
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     )
     n_true = video.truth.groupby("frame").size().median()
     rows = []
-    for kind in ("openvino", "onnx", "pt"):
+    for kind in ("openvino_int8", "openvino", "onnx", "pt"):
         if kind not in files:
             continue
         det = detect.load_detector(files[kind])
@@ -70,13 +70,13 @@ def main(argv=None) -> int:
     )
     peer = next((r for r in rows if r[0] == "pt"), None)
     print(
-        f"{'model':<10} {'file':<22} {'median ms':>10} {'p90 ms':>8} {'frames/s':>9} "
+        f"{'model':<14} {'file':<26} {'median ms':>10} {'p90 ms':>8} {'frames/s':>9} "
         f"{'CPU ms/frame':>13} {'CPU-bound f/s':>14} {'vs pt':>6}"
     )
     for kind, name, med, p90, cpu in rows:
         ratio = f"{peer[2] / med:5.1f}x" if peer else "  n/a"
         print(
-            f"{kind:<10} {name:<22} {med:10.1f} {p90:8.1f} {1e3 / med:9.1f} "
+            f"{kind:<14} {name:<26} {med:10.1f} {p90:8.1f} {1e3 / med:9.1f} "
             f"{cpu:13.1f} {1e3 * nt / cpu:14.1f} {ratio:>6}"
         )
     best, best_cpu = min(r[2] for r in rows), min(r[4] for r in rows)

@@ -355,7 +355,11 @@ def train(
     }
     _write_json(out_dir / "metadata.json", meta)
     # an older export next to new weights would be stale
-    for old in (out_dir / "best_openvino_model", out_dir / "best.onnx"):
+    for old in (
+        out_dir / "best_openvino_model",
+        out_dir / "best_int8_openvino_model",
+        out_dir / "best.onnx",
+    ):
         if old.is_dir():
             shutil.rmtree(old)
         elif old.exists():
@@ -370,7 +374,12 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def export(weights: str | Path, fmt: str = "openvino", imgsz: int = 640) -> Path:
+def export(
+    weights: str | Path,
+    fmt: str = "openvino",
+    imgsz: int = 640,
+    calibration: list[np.ndarray] | None = None,
+) -> Path:
     """Export trained weights for fast CPU inference and return the exported model's path.
 
     Parameters
@@ -381,14 +390,27 @@ def export(weights: str | Path, fmt: str = "openvino", imgsz: int = 640) -> Path
         ``"openvino"`` (fastest here) or ``"onnx"``; OpenVINO falls back to ONNX when it fails.
     imgsz
         Fixed input size of the exported model (frames are letterboxed or tiled to it).
+    calibration
+        Grey frames ``(M, N)`` as the model will see them (same pixel scale, about
+        ``imgsz`` px): with OpenVINO, the export is quantised to INT8 (NNCF post-training
+        quantisation, activation ranges calibrated on these frames; the detection head
+        stays in floating point) into ``best_int8_openvino_model/`` beside the weights.
+        None: no quantisation (the CPU's default precision).
     """
     if fmt not in ("openvino", "onnx"):
         raise ValueError(f"Unknown export format {fmt!r}; expected one of 'openvino', 'onnx'")
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"No weights file {weights}")
+    if calibration is not None and (fmt != "openvino" or len(calibration) == 0):
+        raise ValueError(
+            f"INT8 calibration needs fmt 'openvino' and at least one frame; got {fmt!r} and "
+            f"{len(calibration)} frames"
+        )
     ul = _runtime.ultralytics()
     model = ul.YOLO(str(weights), task="detect")
+    if calibration is not None:
+        return _export_int8(model, weights, imgsz, calibration)
     try:
         out = model.export(
             format=fmt, imgsz=imgsz, half=False, int8=False, dynamic=False, verbose=False
@@ -398,6 +420,38 @@ def export(weights: str | Path, fmt: str = "openvino", imgsz: int = 640) -> Path
             raise
         log.warning("OpenVINO export failed (%s); exporting ONNX instead", e)
         out = model.export(format="onnx", imgsz=imgsz, dynamic=False, simplify=False, verbose=False)
+    return Path(out)
+
+
+def _export_int8(model, weights: Path, imgsz: int, frames: list[np.ndarray]) -> Path:
+    """OpenVINO INT8 export calibrated on ``frames`` (written as a temporary dataset)."""
+    names = getattr(model, "names", None) or {0: "object"}
+    cal_dir = weights.parent / ".int8_calibration"
+    try:
+        ds = write_yolo_dataset(
+            list(frames),
+            [np.zeros((0, 5))] * len(frames),
+            cal_dir,
+            val_fraction=0.0,
+            class_names=tuple(names[k] for k in sorted(names)),
+        )
+        out = model.export(
+            format="openvino",
+            imgsz=imgsz,
+            quantize=8,
+            data=str(ds),
+            batch=1,
+            dynamic=False,
+            verbose=False,
+        )
+        if not any(Path(out).glob("*.xml")):
+            raise RuntimeError(f"the INT8 export wrote no OpenVINO model in {out}")
+    except BaseException:
+        # a half-written INT8 folder would be preferred by load_detector: remove it
+        shutil.rmtree(weights.parent / "best_int8_openvino_model", ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(cal_dir, ignore_errors=True)
     return Path(out)
 
 
@@ -618,9 +672,10 @@ def _as_frames(x) -> list[np.ndarray]:
 
 
 def model_files(folder: Path) -> dict:
-    """The model files of a model folder: ``{"openvino": .., "onnx": .., "pt": ..}`` (present ones)."""
+    """The model files of a folder: ``{"openvino_int8": .., "openvino": .., "onnx": .., "pt": ..}`` (present ones)."""
     found = {}
     for key, name in (
+        ("openvino_int8", "best_int8_openvino_model"),
         ("openvino", "best_openvino_model"),
         ("onnx", "best.onnx"),
         ("pt", "best.pt"),
@@ -663,7 +718,11 @@ def load_detector(name_or_path: str | Path = "cavity", prefer_exported: bool = T
             raise FileNotFoundError(
                 f"Model folder {p} holds no best.pt, best.onnx or best_openvino_model"
             )
-        order = ("openvino", "onnx", "pt") if prefer_exported else ("pt", "openvino", "onnx")
+        order = (
+            ("openvino_int8", "openvino", "onnx", "pt")
+            if prefer_exported
+            else ("pt", "openvino", "onnx", "openvino_int8")
+        )
         p = next(files[k] for k in order if k in files)
     log.info("loading detector %s", p)
     return Detector(p, metadata)

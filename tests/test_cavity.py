@@ -223,6 +223,38 @@ def test_detector_finds_large_cavities(tiny_detector, tmp_path):
     assert ev["recall@0.3"] >= 0.5 and ev["precision@0.3"] >= 0.5, ev
 
 
+def test_int8_export_keeps_the_detections(tiny_detector, tmp_path):
+    pytest.importorskip("nncf")
+    w, cfg, root = tiny_detector
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("best.pt", "metadata.json"):
+        (folder / name).write_bytes((w.parent / name).read_bytes())
+    with pytest.raises(ValueError, match="at least one frame"):
+        detect.export(folder / "best.pt", "openvino", imgsz=128, calibration=[])
+    with pytest.raises(ValueError, match="needs fmt 'openvino'"):
+        detect.export(folder / "best.pt", "onnx", imgsz=128, calibration=[np.zeros((128, 128))])
+    cal = [cv.generate_image(300 + i, cfg)["image"] for i in range(8)]
+    out = detect.export(folder / "best.pt", "openvino", imgsz=128, calibration=cal)
+    assert out.name == "best_int8_openvino_model" and any(out.glob("*.xml"))
+    assert not (folder / ".int8_calibration").exists()  # the temporary dataset is gone
+    det = detect.load_detector(folder)  # the INT8 export is preferred
+    assert det.path == out
+    test = [cv.generate_image(100 + i, cfg) for i in range(6)]
+    truth = [t["boxes"] for t in test]
+    ev_pt = detect.evaluate(
+        detect.load_detector(folder / "best.pt").predict([t["image"] for t in test], conf=0.05),
+        truth,
+        iou_thresholds=(0.3,),
+    )
+    ev = detect.evaluate(
+        det.predict([t["image"] for t in test], conf=0.05), truth, iou_thresholds=(0.3,)
+    )
+    # quantised weights and activations find the same large cavities as the float model
+    assert ev["recall@0.3"] >= 0.5 and ev["precision@0.3"] >= 0.5, ev
+    assert abs(ev["f1@0.3"] - ev_pt["f1@0.3"]) <= 0.15, (ev, ev_pt)
+
+
 def test_cli_detect_writes_tables(tiny_detector, tmp_path):
     from PIL import Image
 
