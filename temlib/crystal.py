@@ -16,6 +16,8 @@ MgO               Fm-3m        225    a = 4.212; Mg 4a, O 4b (rock salt)
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from diffpy.structure import Atom, Lattice, Structure
 from orix.crystal_map import Phase
@@ -76,7 +78,12 @@ def get_phase(name: str) -> Phase:
     key = lookup.get(str(name).lower())
     if key is None:
         raise ValueError(f"Unknown phase {name!r}; expected one of {phase_names()}")
-    phase = _BUILDERS[key]()
+    return _built(key).deepcopy()  # a copy: callers may rename or edit their phase
+
+
+@functools.cache
+def _built(key: str) -> Phase:
+    phase = _BUILDERS[key]()  # cementite's asymmetric-unit expansion takes ~4 ms
     phase.name = key
     return phase
 

@@ -99,9 +99,17 @@ RZ180 = np.array([0.0, 0.0, 0.0, 1.0])
 C2Y = np.array([0.0, 0.0, 1.0, 0.0])  # 180 deg about the sample y axis
 
 
+_LAUE_PROPER: dict[bytes, np.ndarray] = {}
+
+
 def proper_symmetry(phase: Phase) -> np.ndarray:
     """(S, 4) quaternions of the proper rotations of the phase's Laue group."""
-    return np.asarray(phase.point_group.laue_proper_subgroup.data, float)
+    pg = phase.point_group
+    key = np.asarray(pg.data).tobytes()  # the group's elements (a name may have several settings)
+    q = _LAUE_PROPER.get(key)
+    if q is None:  # orix derives the subgroup from the elements each time (~10 ms)
+        q = _LAUE_PROPER[key] = np.asarray(pg.laue_proper_subgroup.data, float)
+    return q.copy()
 
 
 def misorientation_deg(

@@ -20,6 +20,16 @@ def test_structures(name, counts, point_group, space_group):
     assert p.space_group.number == space_group
 
 
+def test_get_phase_returns_independent_copies():
+    a = crystal.get_phase("cementite")  # built once, handed out as copies
+    a.name = "renamed"
+    a.structure[0].xyz = [0.5, 0.5, 0.5]
+    b = crystal.get_phase("cementite")
+    assert b is not a and b.name == "cementite"
+    assert not np.allclose(b.structure[0].xyz, [0.5, 0.5, 0.5])
+    assert crystal.atom_counts(b) == {"Fe": 12, "C": 4}
+
+
 @pytest.mark.parametrize(
     "name, hkl, d",
     [

@@ -101,6 +101,15 @@ def test_reliability_low_for_mixed_pattern(library, rng):
     assert ((single.reliability >= 0) & (single.reliability <= 100)).all()
 
 
+@pytest.mark.parametrize("name", ["ferrite", "NbC", "cementite"])
+def test_proper_symmetry_is_orix_laue_proper_subgroup(name):
+    ph = crystal.get_phase(name)
+    ref = ph.point_group.laue_proper_subgroup.data
+    s = M.proper_symmetry(ph)  # remembered per group: a copy each time
+    s[:] = 0
+    np.testing.assert_array_equal(M.proper_symmetry(ph), ref)
+
+
 def test_misorientation_matches_orix(rng):
     from temlib.synth import random_quaternions
 

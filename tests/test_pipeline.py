@@ -189,6 +189,20 @@ def test_split_apply_runs_parts_in_threads_and_keeps_order():
     )
 
 
+def test_split_apply_holds_blas_at_one_thread_in_parts():
+    from threadpoolctl import threadpool_info
+
+    from temlib import _runtime
+
+    def blas_threads(a):
+        n = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+        return np.full(len(a), max(n, default=1))
+
+    x = np.zeros(1000)
+    for _ in range(2):  # the controller is reused on the second call
+        assert (_runtime.split_apply(blas_threads, x, workers=2, min_part=100) == 1).all()
+
+
 def test_split_apply_nested_runs_serially():
     import threading
 
