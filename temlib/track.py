@@ -70,6 +70,7 @@ def train_detector(
     infer_imgsz: int = 1024,
     model_cfg: str = "yolo11n.yaml",
     export_format: str | None = "openvino",
+    int8: bool = True,
     extra_images: list[np.ndarray] | None = None,
     extra_boxes: list[np.ndarray] | None = None,
     extra_repeat: int = 2,
@@ -94,6 +95,11 @@ def train_detector(
         Input size of the exported model and of inference (written to the metadata).
     export_format
         ``"openvino"``, ``"onnx"`` or None (no export).
+    int8
+        With OpenVINO, also write an INT8 export (``best_int8_openvino_model``, what
+        :func:`temlib.detect.load_detector` then prefers), its activation ranges calibrated
+        on 16 synthetic frames of ``infer_imgsz`` px and up to 16 of ``extra_images``. When
+        quantisation fails the floating-point export stays the one used (logged).
     extra_images, extra_boxes
         Optional real labelled frames ``(M, N)`` with ``(K, 5)`` boxes, cut into tiles of
         the training size and added ``extra_repeat`` times to the training set.
@@ -146,6 +152,13 @@ def train_detector(
     os.replace(tmp, meta_path)
     if export_format:
         detect.export(best, export_format, imgsz=infer_imgsz)
+    if export_format == "openvino" and int8:
+        cal, _, _ = insitu.simulate_frames(16, (infer_imgsz, infer_imgsz), rng=seed)
+        cal += list(extra_images or [])[:16]
+        try:
+            detect.export(best, "openvino", imgsz=infer_imgsz, calibration=cal)
+        except Exception as e:  # noqa: BLE001  (quantisation is an optional speed-up)
+            logger.warning("INT8 export failed (%s); the floating-point export is used", e)
     return out_dir
 
 
