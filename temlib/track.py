@@ -911,6 +911,63 @@ def evaluate_detection(
     return pd.DataFrame(per_image), pd.DataFrame(tot)
 
 
+def compare_models(model_dir, sets: dict, conf: float = 0.25, iou: float = 0.5) -> pd.DataFrame:
+    """Every model file of a folder (INT8, OpenVINO, ONNX exports, PyTorch) on the same frames.
+
+    A quantised or exported model is worth its speed only if it keeps the scores: this
+    scores each file with :func:`evaluate_detection` (all classes) and times it.
+
+    Parameters
+    ----------
+    model_dir
+        Model folder (:func:`temlib.detect.model_files`).
+    sets
+        ``{name: (images, boxes)}`` or ``{name: (images, boxes, image_names)}`` labelled
+        frame sets.
+    conf, iou
+        Confidence threshold; IoU threshold of a match.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per model file and set: ``model, file, dataset, precision, recall, f1,
+        ms_per_frame`` (prediction and scoring, mean over the set's frames).
+    """
+    files = detect.model_files(Path(model_dir))
+    if not files or not sets:
+        raise ValueError(
+            f"Got {len(files)} model files in {model_dir} and {len(sets)} frame sets; "
+            "expected at least one of each"
+        )
+    rows = []
+    for kind, path in files.items():
+        det = detect.load_detector(path)
+        for name, (images, boxes, *names) in sets.items():
+            t0 = time.perf_counter()
+            _, tot = evaluate_detection(
+                det,
+                images,
+                boxes,
+                conf=conf,
+                iou_thresholds=(iou,),
+                names=names[0] if names else None,
+            )
+            ms = 1000 * (time.perf_counter() - t0) / max(len(images), 1)
+            r = tot.iloc[0]
+            rows.append(
+                {
+                    "model": kind,
+                    "file": path.name,
+                    "dataset": name,
+                    "precision": r.precision,
+                    "recall": r.recall,
+                    "f1": r.f1,
+                    "ms_per_frame": ms,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def _box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return detect.box_iou(a, b)
 

@@ -289,6 +289,29 @@ def test_cli_track_empty_folder(tiny_model, tmp_path, capsys):
     assert rc == 2 and "No frames" in capsys.readouterr().err
 
 
+def test_compare_models_scores_every_file_on_every_set(tiny_model, tmp_path):
+    import shutil
+
+    from temlib import detect
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(tiny_model / "best.pt", folder)
+    shutil.copy(tiny_model / "metadata.json", folder)
+    detect.export(folder / "best.pt", "onnx", imgsz=96)
+    ims, boxes, _ = insitu.simulate_frames(3, (96, 96), nm_per_px=0.6, rng=7)
+    sets = {"a": (ims, boxes), "b": (ims[:1], boxes[:1], ["x"])}
+    t = track.compare_models(folder, sets)
+    assert sorted(set(t.model)) == ["onnx", "pt"] and len(t) == 4
+    # each row is evaluate_detection's score of that file on that set
+    det = detect.load_detector(folder / "best.onnx")
+    _, ref = track.evaluate_detection(det, ims, boxes, iou_thresholds=(0.5,))
+    row = t[(t.model == "onnx") & (t.dataset == "a")].iloc[0]
+    assert row.f1 == pytest.approx(ref.f1.iloc[0]) and row.ms_per_frame > 0
+    with pytest.raises(ValueError, match="at least one of each"):
+        track.compare_models(folder, {})
+
+
 def test_native_scale_model_pads_small_frames(tiny_model):
     """The in-situ model runs at native pixel scale: small frames are padded, not enlarged."""
     from temlib import detect
