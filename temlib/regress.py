@@ -2011,7 +2011,9 @@ def train_phase(
         Rendered camera-like patterns (:func:`rendered_set`, each also turned once about the
         beam) added to them.
     finetune_patterns, test_patterns
-        Real patterns of the phase drawn from the training maps / the test map (interior pixels).
+        Real patterns of the phase drawn from the training maps (half from each) / the test
+        map (interior pixels). Fine-tuning is kept only if fine-tuning on one training map
+        lowers the error on the other (:func:`fine_tune_checked`; ``metadata["fine_tuning_check"]``).
     baseline
         Also train the naive Euler-angle baseline.
     save_to
@@ -2050,20 +2052,19 @@ def train_phase(
             reg, x, q, epochs=epochs, seed=seed, trial_seconds=trial_seconds
         )
         secs["baseline"] = time.perf_counter() - t
-    xt, qt = real_set([maps["train1"], maps["train2"]], phase, settings, finetune_patterns, rng=rng)
+    half = finetune_patterns // 2
+    x1, q1 = real_set([maps["train1"]], phase, settings, half, rng=rng)
+    x2, q2 = real_set([maps["train2"]], phase, settings, finetune_patterns - half, rng=rng)
+    n_real = len(x1) + len(x2)
     xe, qe = real_set([maps["test"]], phase, settings, test_patterns, rng=rng)
     t = time.perf_counter()
-    ft = (
-        fine_tune(reg, xt, qt, synthetic=(x, q), epochs=finetune_epochs, rng=rng)
-        if len(xt)
-        else reg
-    )
+    ft, check = fine_tune_checked(reg, (x1, q1), (x2, q2), (x, q), finetune_epochs, rng)
     secs["fine_tune"] = time.perf_counter() - t
     lib = match.build_library([phase], settings=settings)
     local = LocalTemplates.from_library(lib, phase)
     # on orientations the regressor never saw (rendered afresh): calibrating on the
     # fine-tuning patterns would trust seeds the network has learnt by heart
-    xc, qc = rendered_set(phase, min(max(len(xt), 200), 1000), settings, rng=rng)
+    xc, qc = rendered_set(phase, min(max(n_real, 200), 1000), settings, rng=rng)
     hybrid_cal = calibrate_hybrid(
         ft, xc, qc, local, **({"sizes": (n_candidates,)} if n_candidates else {})
     )
@@ -2128,8 +2129,67 @@ def train_phase(
     ft.metadata["hybrid"] = {"n_candidates": n_candidates, "min_correlation": min_corr}
     ft.metadata["hybrid_calibration"] = hybrid_cal | {"patterns": len(xc)}
     ft.metadata["seconds"] = secs
+    ft.metadata["fine_tuning_check"] = check
     path = save_regressor(ft, save_to) if save_to is not None else None
     return PhaseRun(phase, reg, ft, base, errors, secs, table, path)
+
+
+def fine_tune_checked(
+    reg: Regressor,
+    first: tuple[np.ndarray, np.ndarray],
+    second: tuple[np.ndarray, np.ndarray],
+    synthetic: tuple[np.ndarray, np.ndarray] | None = None,
+    epochs: int = 5,
+    rng=None,
+) -> tuple[Regressor, dict]:
+    """Fine-tune on two training maps only if it helps on orientations it has not seen.
+
+    A map holds few orientations, and a network fine-tuned on them learns them by heart:
+    its error on them drops while that on new orientations may rise (the known trap of
+    validating on random splits). So the regressor is first fine-tuned on the ``first``
+    map's patterns and scored on the ``second`` map's (other grains): only if its median
+    disorientation there (modulo the beam flip) falls is it fine-tuned on both maps;
+    otherwise the regressor is kept as it is. With an empty map nothing can be checked
+    and the regressor is fine-tuned on what there is (``checked`` False).
+
+    Parameters
+    ----------
+    reg
+        The regressor (it is not changed).
+    first, second
+        (descriptors, quaternions) of the phase's real patterns in each training map.
+    synthetic, epochs, rng
+        As in :func:`fine_tune`.
+
+    Returns
+    -------
+    The regressor to use (a fine-tuned copy or ``reg``) and the check:
+    ``{"checked", "held_out_median_before", "held_out_median_after", "kept"}``.
+    """
+    (x1, q1), (x2, q2) = first, second
+    rng = np.random.default_rng(rng)
+    both = (np.concatenate([x1, x2]), np.concatenate([q1, q2]))
+    check = {"checked": False, "held_out_median_before": None, "held_out_median_after": None}
+    if len(x1) and len(x2):
+        trial = fine_tune(reg, x1, q1, synthetic=synthetic, epochs=epochs, rng=rng)
+        before, after = (
+            float(np.median(disorientation_deg(m.predict(x2), q2, reg.phase, modulo_flip=True)))
+            for m in (reg, trial)
+        )
+        check = {"checked": True, "held_out_median_before": before, "held_out_median_after": after}
+        if after >= before:
+            log.info(
+                "%s: fine-tuning on one map raised the median on the other %.2f -> %.2f deg; "
+                "the regressor is kept as trained on simulations",
+                reg.phase,
+                before,
+                after,
+            )
+            return reg, check | {"kept": False}
+    if not len(both[0]):
+        return reg, check | {"kept": False}
+    ft = fine_tune(reg, *both, synthetic=synthetic, epochs=epochs, rng=rng)
+    return ft, check | {"kept": True}
 
 
 def calibrate_hybrid(

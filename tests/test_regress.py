@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from orix.quaternion import Rotation
@@ -207,6 +209,30 @@ def test_save_load_round_trip(tiny_regressor, tmp_path):
     assert back.phase == "ferrite" and back.settings == st and back.canonical
     e = regress.disorientation_deg(reg.predict(x), back.predict(x), "ferrite")
     assert e.max() < 1e-3
+
+
+def test_fine_tuning_is_kept_only_if_it_helps_on_the_other_map(tiny_regressor, monkeypatch):
+    reg, st = tiny_regressor
+    # two "maps" of the same four grains: fine-tuning on one must help on the other
+    q = synth.random_quaternions(4, np.random.default_rng(5))
+    x = _template_desc("ferrite", np.repeat(q, 30, axis=0), st)
+    xa, qa = regress.shift_augment(x, np.repeat(q, 30, axis=0), 1, np.random.default_rng(6))
+    first, second = (xa[::2], qa[::2]), (xa[1::2], qa[1::2])
+    ft, check = regress.fine_tune_checked(reg, first, second, epochs=8, rng=0)
+    assert check["checked"] and check["kept"] and ft is not reg
+    print(check)
+    assert check["held_out_median_after"] < check["held_out_median_before"], check
+    # a fine-tuning that makes the other map worse is not kept: the regressor comes back
+    worse = dataclasses.replace(reg)  # the same network, its predictions replaced below
+    monkeypatch.setattr(worse, "predict", lambda d: synth.random_quaternions(len(d), 0))
+    monkeypatch.setattr(regress, "fine_tune", lambda *a, **k: worse)
+    back, check = regress.fine_tune_checked(reg, first, second, epochs=1, rng=0)
+    assert back is reg and check["checked"] and not check["kept"]
+    assert check["held_out_median_after"] > check["held_out_median_before"]
+    # one map empty: nothing to check against, fine-tuned on what there is
+    empty = (first[0][:0], first[1][:0])
+    ft, check = regress.fine_tune_checked(reg, first, empty, epochs=1, rng=0)
+    assert not check["checked"] and check["kept"] and ft is worse
 
 
 def test_hybrid_refines_perturbed_seed(rng):
