@@ -2060,6 +2060,10 @@ def train_phase(
     t = time.perf_counter()
     ft, check = fine_tune_checked(reg, (x1, q1), (x2, q2), (x, q), finetune_epochs, rng)
     secs["fine_tune"] = time.perf_counter() - t
+    rejected = None  # a fine-tuning not kept is still scored on the test map, for the record
+    if not check["kept"] and n_real:
+        both = np.concatenate([x1, x2]), np.concatenate([q1, q2])
+        rejected = fine_tune(reg, *both, synthetic=(x, q), epochs=finetune_epochs, rng=rng)
     lib = match.build_library([phase], settings=settings)
     local = LocalTemplates.from_library(lib, phase)
     # on orientations the regressor never saw (rendered afresh): calibrating on the
@@ -2083,6 +2087,8 @@ def train_phase(
         if base is not None:
             timed("ML naive Euler", lambda: base.predict(xe))
         timed("ML before fine-tuning", lambda: reg.predict(xe))
+        if rejected is not None:
+            timed("ML fine-tuned (not kept)", lambda: rejected.predict(xe))
         seeds = timed("ML", lambda: ft.predict(xe))
         c0, t0 = time.process_time(), time.perf_counter()
         h = hybrid_refine(
@@ -2254,7 +2260,14 @@ def calibrate_hybrid(
 
 def error_histogram_figure(
     runs: list[PhaseRun],
-    methods=("ML naive Euler", "ML before fine-tuning", "ML", "hybrid", "TM"),
+    methods=(
+        "ML naive Euler",
+        "ML before fine-tuning",
+        "ML fine-tuned (not kept)",
+        "ML",
+        "hybrid",
+        "TM",
+    ),
     kind: str = "flip",
 ):
     """Disorientation distributions (deg, log-spaced bins) per phase and method."""
