@@ -393,8 +393,9 @@ def export(
     calibration
         Grey frames ``(M, N)`` as the model will see them (same pixel scale, about
         ``imgsz`` px): with OpenVINO, the export is quantised to INT8 (NNCF post-training
-        quantisation, activation ranges calibrated on these frames; the detection head
-        stays in floating point) into ``best_int8_openvino_model/`` beside the weights.
+        quantisation, activation ranges calibrated on these frames; ultralytics keeps every
+        operation of the detection head, box decoding included, in floating point) into
+        ``best_int8_openvino_model/`` beside the weights.
         None: no quantisation (the CPU's default precision).
     """
     if fmt not in ("openvino", "onnx"):
