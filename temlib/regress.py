@@ -2277,6 +2277,8 @@ def error_histogram_figure(
     bins = np.logspace(-2, np.log10(180), 40)
     for ax, run in zip(axes[0], runs, strict=True):
         for m in methods:
+            if m == "ML" and run.fine_tuned is run.regressor and "ML before fine-tuning" in methods:
+                continue  # fine-tuning not kept: the same network as "ML before fine-tuning"
             if m in run.errors:
                 e = run.errors[m][kind]
                 ax.hist(
