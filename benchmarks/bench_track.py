@@ -3,7 +3,8 @@
 Times ``temlib.track.track_frames`` (grey conversion, YOLO detection, linking) frame by frame
 on a synthetic 1024 px video, median over frames after a warm-up, for each model file of the
 in-situ model folder: the exported models (OpenVINO INT8, OpenVINO in the CPU's default
-precision, ONNX) against PyTorch ``best.pt`` (the peer, measured in the same run). Threads: ``TEMLIB_THREADS`` (default: all cores).
+precision, ONNX) against PyTorch ``best.pt`` (the peer, measured in the same run).
+Threads: ``TEMLIB_THREADS`` (default: all cores).
 On a shared machine wall times depend on the load, so the process CPU time per frame is
 printed too, with the rate it allows when the threads have the cores to themselves.
 

@@ -449,7 +449,7 @@ def _export_int8(model, weights: Path, imgsz: int, frames: list[np.ndarray]) -> 
             raise RuntimeError(f"the INT8 export wrote no OpenVINO model in {out}")
     except BaseException:
         # a half-written INT8 folder would be preferred by load_detector: remove it
-        shutil.rmtree(weights.parent / "best_int8_openvino_model", ignore_errors=True)
+        shutil.rmtree(weights.parent / f"{weights.stem}_int8_openvino_model", ignore_errors=True)
         raise
     finally:
         shutil.rmtree(cal_dir, ignore_errors=True)

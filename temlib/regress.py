@@ -2174,7 +2174,6 @@ def fine_tune_checked(
     """
     (x1, q1), (x2, q2) = first, second
     rng = np.random.default_rng(rng)
-    both = (np.concatenate([x1, x2]), np.concatenate([q1, q2]))
     check = {"checked": False, "held_out_median_before": None, "held_out_median_after": None}
     if len(x1) and len(x2):
         trial = fine_tune(reg, x1, q1, synthetic=synthetic, epochs=epochs, rng=rng)
@@ -2192,8 +2191,9 @@ def fine_tune_checked(
                 after,
             )
             return reg, check | {"kept": False}
-    if not len(both[0]):
+    if not len(x1) + len(x2):
         return reg, check | {"kept": False}
+    both = np.concatenate([x1, x2]), np.concatenate([q1, q2])
     ft = fine_tune(reg, *both, synthetic=synthetic, epochs=epochs, rng=rng)
     return ft, check | {"kept": True}
 
