@@ -478,6 +478,30 @@ def _nms(boxes: np.ndarray, iou: float) -> np.ndarray:
     return keep[np.argsort(-boxes[keep, 4])]
 
 
+def _suppress_fragments(boxes: np.ndarray, ios: float = 0.7) -> np.ndarray:
+    """Indices kept when fragments overlapping a more confident box are dropped.
+
+    Tiled inference leaves fragments that IoU-based NMS keeps: the part of an object
+    that a tile saw cut by its edge, or a box on one fringe of a large cavity. Of two
+    boxes whose intersection covers at least ``ios`` of the smaller one's area
+    (intersection over smaller, as SAHI's merging), the less confident is dropped,
+    whatever the class.
+    """
+    order = np.argsort(-boxes[:, 4], kind="stable")
+    b = boxes[order, :4]
+    area = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    keep = np.ones(len(b), bool)
+    for i in range(len(b) - 1):  # greedy, most confident first
+        if not keep[i]:
+            continue
+        lt = np.maximum(b[i, :2], b[i + 1 :, :2])
+        rb = np.minimum(b[i, 2:], b[i + 1 :, 2:])
+        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+        small = np.minimum(area[i], area[i + 1 :])
+        keep[i + 1 :] &= ~((small > 0) & (inter >= ios * small))
+    return order[keep]
+
+
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap`` shared px."""
     if length <= tile:
@@ -579,8 +603,9 @@ class Detector:
         tile
             Tile size in px for tiled inference (``None``: whole frame letterboxed to the
             model's ``imgsz``). Tiles overlap by ``overlap`` of their size; boxes cut by an
-            inner tile edge are dropped (they appear whole in a neighbour) and the rest
-            merged with NMS. Use it for small defects in frames much larger than ``imgsz``.
+            inner tile edge are dropped (they appear whole in a neighbour), the rest
+            merged with NMS, and fragments lying mostly inside a more confident box
+            dropped. Use it for small defects in frames much larger than ``imgsz``.
             ``"auto"``: tiles of ``imgsz`` when a frame is over 1.5 ``imgsz``, else whole.
         overlap
             Fraction of a tile shared with its neighbour, ``0 <= overlap < 0.9``
@@ -653,7 +678,8 @@ class Detector:
                 side = np.maximum(d[:, 2] - d[:, 0], d[:, 3] - d[:, 1])
                 allb.append(d[side > ov - margin])
             allb = np.concatenate(allb) if allb else np.zeros((0, 6))
-            results.append(allb[_nms(allb, iou)])
+            allb = allb[_nms(allb, iou)]
+            results.append(allb[_suppress_fragments(allb)])
         return results
 
 

@@ -124,6 +124,42 @@ def test_nms_keeps_best():
     assert list(detect._nms(b, 0.5)) == [0, 2]
 
 
+def test_fragments_inside_a_more_confident_box_are_dropped():
+    b = np.array(
+        [
+            [0, 0, 100, 100, 0.9, 0],  # a large cavity
+            [0, 0, 30, 100, 0.5, 0],  # its left third, seen by a tile (IoU 0.3: NMS keeps it)
+            [95, 0, 140, 40, 0.4, 0],  # a neighbour touching it: kept
+            [200, 200, 220, 220, 0.8, 1],  # a small confident box ...
+            [195, 195, 260, 240, 0.3, 0],  # ... inside a less confident one: that one goes
+        ],
+        float,
+    )
+    assert list(detect._nms(b, 0.5)) == [0, 3, 1, 2, 4]
+    assert sorted(detect._suppress_fragments(b)) == [0, 2, 3]
+    assert len(detect._suppress_fragments(np.zeros((0, 6)))) == 0
+
+
+def test_tiled_predict_drops_fragments():
+    img = np.zeros((128, 128), np.uint8)
+    img[20:50, 20:50] = 255
+    det = _bright_box_detector(64)
+    inner = det._run
+
+    def run(frames, conf, iou, batch):  # each box also comes with its top third, less sure
+        out = []
+        for b in inner(frames, conf, iou, batch):
+            part = b.copy()
+            part[:, 3] = b[:, 1] + (b[:, 3] - b[:, 1]) / 3
+            part[:, 4] = 0.5
+            out.append(np.concatenate([b, part]))
+        return out
+
+    det._run = run
+    got = det.predict(img, tile=64, overlap=0.5)[0]
+    np.testing.assert_allclose(got[:, :4], [[20, 20, 50, 50]])
+
+
 def test_cli_bad_inputs(tmp_path, capsys):
     assert cli.main(["detect", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "No folder" in capsys.readouterr().err
