@@ -246,8 +246,31 @@ def _kind_for(diameter_nm, dot_max_nm, loop_kind):
     return "dot" if diameter_nm < dot_max_nm else loop_kind
 
 
-def _render_defects(img, defects, nm_per_px, contrast, dot_max_nm, width_nm, masks=None):
-    """Darken ``img`` (M, N) in place with ``defects``; return boxes rows (list of dicts)."""
+# Rose (1948): an object of contrast C over A pixels of N electrons each is seen when
+# C sqrt(A N) >= 5; the camera's read noise adds its variance
+ROSE_SNR = 5.0
+
+
+def rose_snr(darkening, area_px, level, electrons, read_noise) -> float:
+    """Signal-to-noise ratio of a defect by Rose's criterion (visible when >= ``ROSE_SNR``).
+
+    ``darkening`` is the defect's mean fractional darkening over its ``area_px`` pixels
+    after the optics blur, ``level`` the local image level (foil = ~1), ``electrons`` the
+    electrons per pixel at level 1, ``read_noise`` the read noise in level units.
+    """
+    sigma = np.sqrt(1.0 / (max(level, 1e-6) * electrons) + (read_noise / max(level, 1e-6)) ** 2)
+    return float(darkening * np.sqrt(area_px) / sigma)
+
+
+def _render_defects(
+    img, defects, nm_per_px, contrast, dot_max_nm, width_nm, masks=None, style=None
+):
+    """Darken ``img`` (M, N) in place with ``defects``; return boxes rows (list of dicts).
+
+    With ``style`` (the camera: blur, electrons, read noise), defects below Rose's
+    criterion (:func:`rose_snr` < ``ROSE_SNR``) are drawn but not labelled: a person
+    would not see them either.
+    """
     M, N = img.shape
     rows = []
     for d in defects:
@@ -278,9 +301,18 @@ def _render_defects(img, defects, nm_per_px, contrast, dot_max_nm, width_nm, mas
             continue
         ps = (slice(rs.start - r0, rs.stop - r0), slice(cs.start - c0, cs.stop - c0))
         strength = contrast * d["contrast"]
+        if style is not None:
+            seen = strength * prof
+            if style.blur > 0:
+                seen = ndi.gaussian_filter(seen, style.blur)
+            snr = rose_snr(
+                float(seen[mask].mean()),
+                int(mask.sum()),
+                float(img[rs, cs][mask[ps]].mean()) if mask[ps].any() else 1.0,
+                style.electrons,
+                style.read_noise,
+            )
         img[rs, cs] *= 1.0 - strength * prof[ps]
-        if masks is not None:
-            masks[rs, cs][mask[ps]] = d["track_id"]
         x1, y1 = ci + ext[0] - 0.5, ri + ext[1] - 0.5
         x2, y2 = ci + ext[2] + 1.5, ri + ext[3] + 1.5
         x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(N)), min(y2, float(M))
@@ -290,6 +322,10 @@ def _render_defects(img, defects, nm_per_px, contrast, dot_max_nm, width_nm, mas
         full = (ext[2] - ext[0] + 2) * (ext[3] - ext[1] + 2)
         if (x2 - x1) * (y2 - y1) < 0.4 * full:
             continue
+        if style is not None and snr < ROSE_SNR:
+            continue
+        if masks is not None:
+            masks[rs, cs][mask[ps]] = d["track_id"]
         rows.append(
             {
                 "track_id": d["track_id"],
@@ -571,6 +607,7 @@ def simulate_video(
             dot_max_nm,
             1.2,
             masks[t] if masks is not None else None,
+            style,
         )
         for g in got:
             g["frame"] = t
@@ -655,7 +692,7 @@ def simulate_frames(
             defects.append(_new_defect(i + 1, r, c, diam, rng, 0.0, edge))
         mask = np.zeros(shape, np.uint16)
         got = _render_defects(
-            img, defects, px, style.contrast, dot_max_nm, rng.uniform(0.8, 2.2), mask
+            img, defects, px, style.contrast, dot_max_nm, rng.uniform(0.8, 2.2), mask, style
         )
         images.append(_finish(img, style, rng))
         boxes.append(

@@ -33,6 +33,23 @@ def test_video_shapes_and_truth_consistent(video):
     assert patch.min() < np.median(video.frames[29]) - 20
 
 
+def test_rose_snr_known_value():
+    # 10 % darkening over 100 px of 100 electrons each: sigma 0.1 per px, SNR 0.1 * 10 / 0.1
+    assert insitu.rose_snr(0.1, 100, 1.0, 100.0, 0.0) == pytest.approx(10.0)
+    # read noise adds its variance: sigma sqrt(0.01 + 0.01)
+    assert insitu.rose_snr(0.1, 100, 1.0, 100.0, 0.1) == pytest.approx(10 / np.sqrt(2))
+
+
+def test_invisible_dot_is_drawn_but_not_labelled():
+    # a 1.2 nm dot at 1 nm/px (under one pixel wide, blurred by the optics, in shot noise)
+    # fails Rose's criterion; a 4 nm dot at the same place passes it
+    kw = dict(nucleation_per_nm2_dpa=0.0, hop_px=0.0, drift_px=0.0, nm_per_px=1.0, rng=0)
+    tiny = insitu.simulate_video(2, (64, 64), initial=[dict(row=32, col=32, diameter_nm=1.2)], **kw)
+    seen = insitu.simulate_video(2, (64, 64), initial=[dict(row=32, col=32, diameter_nm=4.0)], **kw)
+    assert len(tiny.truth) == 0 and not tiny.masks.any()
+    assert len(seen.truth) == 2 and (seen.masks[:, 32, 32] == 1).all()
+
+
 def test_nucleation_follows_dose():
     rate = np.r_[np.zeros(20), np.full(20, 1e-2)]  # beam blanked, then on
     v = insitu.simulate_video(
