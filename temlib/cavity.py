@@ -725,7 +725,8 @@ class GeneratorConfig:
 
     Sizes: cavity diameters are log-normal with median ``d_median_nm`` (itself drawn
     from ``d_median_nm_range`` per image) and log-std ``d_sigma``; values outside
-    ``d_range_nm`` or below ``min_d_px`` pixels are redrawn.
+    ``d_range_nm``, above the image's foil thickness or below ``min_d_px`` pixels are
+    redrawn.
 
     Noise: the relative noise of the embedded background is drawn log-uniformly from
     ``noise``; the default range gives final images whose pixel noise / mean level spans
@@ -1026,7 +1027,10 @@ def generate_image(
         else int(rng.integers(cfg.count[0], cfg.count[1] + 1))
     )
     real = np.zeros((0, 5)) if real_boxes is None else np.asarray(real_boxes, float).reshape(-1, 5)
-    cavs = place_cavities(rng, n, shape, px, cfg, avoid=real[:, 1:] if len(real) else None)
+    t_foil = _u(rng, cfg.thickness_nm)
+    # a cavity is no larger than the foil that holds it
+    sized = dataclasses.replace(cfg, d_range_nm=(cfg.d_range_nm[0], min(cfg.d_range_nm[1], t_foil)))
+    cavs = place_cavities(rng, n, shape, px, sized, avoid=real[:, 1:] if len(real) else None)
     dI, masks = cavity_intensity(cavs, shape, px, opt, oversample=cfg.oversample)
     # local level: a broad blur of the background, so cavities sit on their own surroundings
     local = local_level(bg, max(4.0, 0.02 * max(shape)))
@@ -1063,7 +1067,6 @@ def generate_image(
         )
     if len(real):
         boxes = np.vstack([boxes, np.c_[np.zeros(len(real)), real[:, 1:]]])
-    t_foil = _u(rng, cfg.thickness_nm)
     area = shape[0] * shape[1] * px**2
     d_all = np.array([r["diameter_nm"] for r in rows])
     v_all = np.array([r["volume_nm3"] for r in rows])

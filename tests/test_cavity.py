@@ -96,6 +96,22 @@ def test_generate_is_deterministic_and_edge_cut(rng):
     assert np.all(a["boxes"][:, 1:] >= 0) and np.all(a["boxes"][:, [1, 3]] <= 128)
 
 
+def test_cavities_fit_in_the_foil():
+    # large spheres asked for in thin foils: none is larger than its foil is thick
+    cfg = cv.GeneratorConfig(
+        size=256,
+        count=(12, 12),
+        d_median_nm_range=(60, 70),
+        thickness_nm=(40, 50),
+        min_contrast=0,
+        faceted_fraction=0.0,
+    )
+    for seed in range(3):
+        res = cv.generate_image(seed, cfg, nm_per_px=1.0)
+        d = np.array([r["diameter_nm"] for r in res["cavities"]])
+        assert len(d) and d.max() <= res["meta"]["thickness_nm"] + 1e-9
+
+
 def test_swelling_formula():
     assert cv.swelling_percent([10.0], 100.0 * 100.0, 100.0) == pytest.approx(
         100 * (np.pi * 1000 / 6) / (1e6 - np.pi * 1000 / 6)
