@@ -631,6 +631,9 @@ def simulate_frames(
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """Independent training frames with a random look each (domain randomisation).
 
+    Defects range from faint (20 % of the frame's full defect contrast) to strong; the
+    ones below Rose's criterion (:func:`rose_snr`) are drawn but not labelled.
+
     Parameters
     ----------
     n
@@ -689,7 +692,11 @@ def simulate_frames(
             else:
                 continue
             placed.append((r, c, rad))
-            defects.append(_new_defect(i + 1, r, c, diam, rng, 0.0, edge))
+            d = _new_defect(i + 1, r, c, diam, rng, 0.0, edge)
+            # faint defects too (real frames hold many, e.g. 316L): Rose's criterion decides
+            # which of them get a label
+            d["contrast"] = float(rng.uniform(0.2, 1.0))
+            defects.append(d)
         mask = np.zeros(shape, np.uint16)
         got = _render_defects(
             img, defects, px, style.contrast, dot_max_nm, rng.uniform(0.8, 2.2), mask, style
