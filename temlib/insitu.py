@@ -301,17 +301,7 @@ def _render_defects(
             continue
         ps = (slice(rs.start - r0, rs.stop - r0), slice(cs.start - c0, cs.stop - c0))
         strength = contrast * d["contrast"]
-        if style is not None:
-            seen = strength * prof
-            if style.blur > 0:
-                seen = ndi.gaussian_filter(seen, style.blur)
-            snr = rose_snr(
-                float(seen[mask].mean()),
-                int(mask.sum()),
-                float(img[rs, cs][mask[ps]].mean()) if mask[ps].any() else 1.0,
-                style.electrons,
-                style.read_noise,
-            )
+        level = float(img[rs, cs][mask[ps]].mean()) if mask[ps].any() else 1.0  # before darkening
         img[rs, cs] *= 1.0 - strength * prof[ps]
         x1, y1 = ci + ext[0] - 0.5, ri + ext[1] - 0.5
         x2, y2 = ci + ext[2] + 1.5, ri + ext[3] + 1.5
@@ -322,8 +312,15 @@ def _render_defects(
         full = (ext[2] - ext[0] + 2) * (ext[3] - ext[1] + 2)
         if (x2 - x1) * (y2 - y1) < 0.4 * full:
             continue
-        if style is not None and snr < ROSE_SNR:
-            continue
+        if style is not None:
+            seen = strength * prof
+            if style.blur > 0:
+                seen = ndi.gaussian_filter(seen, style.blur)
+            snr = rose_snr(
+                float(seen[mask].mean()), int(mask.sum()), level, style.electrons, style.read_noise
+            )
+            if snr < ROSE_SNR:
+                continue
         if masks is not None:
             masks[rs, cs][mask[ps]] = d["track_id"]
         rows.append(
