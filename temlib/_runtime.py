@@ -212,7 +212,7 @@ _controller: list = [None, -1]  # threadpoolctl controller, number of modules wh
 def _blas_controller():
     """A threadpoolctl controller of the loaded BLAS libraries, made again after new imports.
 
-    Making one scans every loaded shared library (~5 ms with TensorFlow and OpenVINO
+    Making one scans every loaded shared library (4 ms with TensorFlow and OpenVINO
     loaded); :func:`split_apply` runs per chunk, so the scan is repeated only when modules
     were imported since (a new BLAS may have come with them).
     """

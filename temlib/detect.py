@@ -56,14 +56,23 @@ MODEL_NAMES = ("cavity", "insitu")
 # --------------------------------------------------------------------------- boxes
 
 
+def _area(b: np.ndarray) -> np.ndarray:
+    """Areas ``(K,)`` of ``x1, y1, x2, y2`` boxes ``(K, 4)``."""
+    return np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+
+
+def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection areas ``(K, L)`` of ``x1, y1, x2, y2`` boxes ``(K, 4)`` and ``(L, 4)``."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    return np.prod(np.clip(rb - lt, 0, None), axis=2)
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU matrix ``(K, L)`` between two box sets in any of the module's formats."""
     a, b = _xyxy(a), _xyxy(b)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    inter = _intersection(a, b)
+    area_a, area_b = _area(a), _area(b)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
@@ -489,14 +498,12 @@ def _suppress_fragments(boxes: np.ndarray, ios: float = 0.7) -> np.ndarray:
     """
     order = np.argsort(-boxes[:, 4], kind="stable")
     b = boxes[order, :4]
-    area = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    area = _area(b)
     keep = np.ones(len(b), bool)
     for i in range(len(b) - 1):  # greedy, most confident first
         if not keep[i]:
             continue
-        lt = np.maximum(b[i, :2], b[i + 1 :, :2])
-        rb = np.minimum(b[i, 2:], b[i + 1 :, 2:])
-        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+        inter = _intersection(b[i : i + 1], b[i + 1 :])[0]
         small = np.minimum(area[i], area[i + 1 :])
         keep[i + 1 :] &= ~((small > 0) & (inter >= ios * small))
     return order[keep]

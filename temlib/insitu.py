@@ -262,14 +262,12 @@ def rose_snr(darkening, area_px, level, electrons, read_noise) -> float:
     return float(darkening * np.sqrt(area_px) / sigma)
 
 
-def _render_defects(
-    img, defects, nm_per_px, contrast, dot_max_nm, width_nm, masks=None, style=None
-):
+def _render_defects(img, defects, nm_per_px, contrast, dot_max_nm, width_nm, masks, style):
     """Darken ``img`` (M, N) in place with ``defects``; return boxes rows (list of dicts).
 
-    With ``style`` (the camera: blur, electrons, read noise), defects below Rose's
-    criterion (:func:`rose_snr` < ``ROSE_SNR``) are drawn but not labelled: a person
-    would not see them either.
+    Defects below Rose's criterion (:func:`rose_snr` < ``ROSE_SNR``) for the camera of
+    ``style`` (blur, electrons, read noise) are drawn but not labelled nor masked: a
+    person would not see them either. ``masks`` (M, N) instance labels or None.
     """
     M, N = img.shape
     rows = []
@@ -312,15 +310,14 @@ def _render_defects(
         full = (ext[2] - ext[0] + 2) * (ext[3] - ext[1] + 2)
         if (x2 - x1) * (y2 - y1) < 0.4 * full:
             continue
-        if style is not None:
-            seen = strength * prof
-            if style.blur > 0:
-                seen = ndi.gaussian_filter(seen, style.blur)
-            snr = rose_snr(
-                float(seen[mask].mean()), int(mask.sum()), level, style.electrons, style.read_noise
-            )
-            if snr < ROSE_SNR:
-                continue
+        seen = strength * prof
+        if style.blur > 0:
+            seen = ndi.gaussian_filter(seen, style.blur)
+        snr = rose_snr(
+            float(seen[mask].mean()), int(mask.sum()), level, style.electrons, style.read_noise
+        )
+        if snr < ROSE_SNR:
+            continue
         if masks is not None:
             masks[rs, cs][mask[ps]] = d["track_id"]
         rows.append(
