@@ -193,6 +193,53 @@ def _render_background(bg: _Background, t: int, offset, shape) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------
+# Dislocation lines (network dislocations: part of the foil, never labelled)
+
+
+def _dislocation_lines(shape, length_px: float, nm_per_px: float, rng) -> np.ndarray:
+    """Darkening (M, N) in [0, 1] of curved dislocation lines, ``length_px`` long in all (mean).
+
+    Each line starts at a random point and direction and bends with a constant curvature
+    (radius 50-400 nm, at most 2 rad over the line) plus a small wander, over 40-300 nm; in bright field it shows as a
+    dark band 1-4 nm wide whose contrast oscillates along its length where it is inclined
+    in the foil (period 4-15 nm). Real frames hold many such lines (FeCrAl, 316L); a
+    detector that never saw them takes their pieces for loops.
+    """
+    M, N = shape
+    acc = np.zeros((M + 2, N + 2))
+    step = 0.5  # px between splatted points
+    for _ in range(rng.poisson(length_px * nm_per_px / 170.0)):  # 170 nm: mean line length
+        length_nm = rng.uniform(40, 300)
+        n = int(length_nm / nm_per_px / step) + 2
+        # bent by at most 2 rad over its length: a line never closes into a loop-like ring
+        radius_nm = max(rng.uniform(50, 400), length_nm / 2)
+        curv = rng.choice([-1, 1]) * nm_per_px / radius_nm  # rad per px
+        theta = rng.uniform(0, 2 * np.pi) + np.cumsum(
+            step * curv + 0.03 * step**0.5 * rng.standard_normal(n)
+        )
+        r = rng.uniform(0, M) + np.cumsum(step * np.sin(theta))
+        c = rng.uniform(0, N) + np.cumsum(step * np.cos(theta))
+        s = np.arange(n) * step * nm_per_px
+        amp = 1.0 + rng.uniform(0, 0.7) * np.sin(2 * np.pi * s / rng.uniform(4, 15))
+        amp *= rng.uniform(0.4, 1.0) * step
+        ok = (r > -1) & (r < M) & (c > -1) & (c < N)
+        r, c, amp = r[ok] + 1, c[ok] + 1, amp[ok]
+        ri, ci = np.floor(r).astype(int), np.floor(c).astype(int)
+        fr, fc = r - ri, c - ci
+        for dr, dc, w in (
+            (0, 0, (1 - fr) * (1 - fc)),
+            (1, 0, fr * (1 - fc)),
+            (0, 1, (1 - fr) * fc),
+            (1, 1, fr * fc),
+        ):
+            np.add.at(acc, (np.minimum(ri + dr, M + 1), np.minimum(ci + dc, N + 1)), amp * w)
+    sigma = max(rng.uniform(1.0, 4.0) / nm_per_px / 2.355, 0.6)  # FWHM 1-4 nm
+    # a straight line of unit weight per px peaks at 1 / (sqrt(2 pi) sigma) once blurred
+    field = ndi.gaussian_filter(acc, sigma)[1:-1, 1:-1] * np.sqrt(2 * np.pi) * sigma
+    return np.clip(field, 0, 1)
+
+
+# --------------------------------------------------------------------------------------
 # Defects
 
 
@@ -620,13 +667,15 @@ def simulate_frames(
     density_per_um2: tuple[float, float] = (100.0, 5000.0),
     diameter_nm: tuple[float, float] = (3.0, 12.0),
     dot_max_nm: float = 5.0,
+    dislocation_density_m2: tuple[float, float] | None = (1e13, 5e14),
     rng=None,
     show_progressbar: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """Independent training frames with a random look each (domain randomisation).
 
     Defects range from faint (20 % of the frame's full defect contrast) to strong; the
-    ones below Rose's criterion (:func:`rose_snr`) are drawn but not labelled.
+    ones below Rose's criterion (:func:`rose_snr`) are drawn but not labelled. Network
+    dislocations cross the foil as curved dark lines, never labelled.
 
     Parameters
     ----------
@@ -643,6 +692,11 @@ def simulate_frames(
         log-normal diameters around it.
     dot_max_nm
         Diameter (nm) below which a defect is a black dot (class 0).
+    dislocation_density_m2
+        (low, high) range of the network dislocation density (m^-2), log-uniform per frame;
+        a foil 50-150 nm thick projects ``density x thickness`` of line length per area
+        (5e14 m^-2: ~7 lines of 170 nm across a 150 nm field). None: no lines. The lines are drawn
+        from their own random stream: the rest of each frame is that of ``None``.
     rng
         Seed or generator.
     show_progressbar
@@ -662,40 +716,48 @@ def simulate_frames(
     images, boxes, masks = [], [], []
     M, N = shape
     for _ in tqdm(range(n), disable=not show_progressbar, desc="simulate frames"):
-        px = nm_per_px if np.isscalar(nm_per_px) else float(np.exp(rng.uniform(*np.log(nm_per_px))))
-        style = _random_style(rng, True)
-        bg = _make_background(shape, 0, style, rng)
-        img = _render_background(bg, int(rng.integers(0, 100)), (0, 0), shape)
+        # each frame from its own streams: the lines' draws leave the rest of the frame as it is
+        frng, line_rng = rng.spawn(2)
+        px = (
+            nm_per_px if np.isscalar(nm_per_px) else float(np.exp(frng.uniform(*np.log(nm_per_px))))
+        )
+        style = _random_style(frng, True)
+        bg = _make_background(shape, 0, style, frng)
+        img = _render_background(bg, int(frng.integers(0, 100)), (0, 0), shape)
         gr, gc = style.gradient
         img = img * (
             1.0 + gr * (np.arange(M)[:, None] / M - 0.5) + gc * (np.arange(N)[None, :] / N - 0.5)
         )
+        if dislocation_density_m2 is not None:
+            rho = float(np.exp(line_rng.uniform(*np.log(dislocation_density_m2))))
+            length_nm = rho * 1e-18 * line_rng.uniform(50, 150) * M * N * px**2
+            img *= 1.0 - style.contrast * _dislocation_lines(shape, length_nm / px, px, line_rng)
         area_um2 = M * N * px**2 * 1e-6
-        dens = float(np.exp(rng.uniform(*np.log(density_per_um2))))
-        k = rng.poisson(dens * area_um2)
-        med = rng.uniform(*diameter_nm)
-        edge = rng.uniform(0.0, 0.5)
+        dens = float(np.exp(frng.uniform(*np.log(density_per_um2))))
+        k = frng.poisson(dens * area_um2)
+        med = frng.uniform(*diameter_nm)
+        edge = frng.uniform(0.0, 0.5)
         defects, placed = [], []
         for i in range(k):
-            diam = float(np.clip(med * np.exp(0.45 * rng.standard_normal()), 1.6, 40))
+            diam = float(np.clip(med * np.exp(0.45 * frng.standard_normal()), 1.6, 40))
             rad = diam / 2 / px
             for _try in range(10):  # avoid heavy overlaps (real labels rarely overlap)
-                r, c = rng.uniform(-rad / 2, M + rad / 2), rng.uniform(-rad / 2, N + rad / 2)
+                r, c = frng.uniform(-rad / 2, M + rad / 2), frng.uniform(-rad / 2, N + rad / 2)
                 if all(np.hypot(r - pr, c - pc) > 1.1 * (rad + pr_) for pr, pc, pr_ in placed):
                     break
             else:
                 continue
             placed.append((r, c, rad))
-            d = _new_defect(i + 1, r, c, diam, rng, 0.0, edge)
+            d = _new_defect(i + 1, r, c, diam, frng, 0.0, edge)
             # faint defects too (real frames hold many, e.g. 316L): Rose's criterion decides
             # which of them get a label
-            d["contrast"] = float(rng.uniform(0.2, 1.0))
+            d["contrast"] = float(frng.uniform(0.2, 1.0))
             defects.append(d)
         mask = np.zeros(shape, np.uint16)
         got = _render_defects(
-            img, defects, px, style.contrast, dot_max_nm, rng.uniform(0.8, 2.2), mask, style
+            img, defects, px, style.contrast, dot_max_nm, frng.uniform(0.8, 2.2), mask, style
         )
-        images.append(_finish(img, style, rng))
+        images.append(_finish(img, style, frng))
         boxes.append(
             np.array([[g["cls"], g["x1"], g["y1"], g["x2"], g["y2"]] for g in got], float).reshape(
                 -1, 5

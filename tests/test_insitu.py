@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from temlib import insitu
 
@@ -150,3 +151,23 @@ def test_camera_detector_blur_correlates_the_shot_noise():
         rho[blur] = ((r[:, :-1] * r[:, 1:]).mean() + (r[:-1] * r[1:]).mean()) / 2 / r.var()
     assert abs(rho[0.0]) < 0.05
     assert 0.45 < rho[1.0] < 0.85
+
+
+def test_dislocation_lines_are_long_thin_and_unlabelled():
+    rng = np.random.default_rng(0)
+    assert not insitu._dislocation_lines((128, 128), 0.0, 0.5, rng).any()
+    field = insitu._dislocation_lines((256, 256), 2000.0, 0.5, rng)  # ~6 lines
+    assert field.shape == (256, 256) and 0 <= field.min() and field.max() <= 1
+    dark = field > 0.2
+    assert 0.005 < dark.mean() < 0.2  # thin: a few px wide
+    lab, n = ndi.label(dark)
+    extent = max(max(s[0].stop - s[0].start, s[1].stop - s[1].start) for s in ndi.find_objects(lab))
+    assert extent >= 40  # lines of 40-300 nm at 0.5 nm/px, not dots
+    # lines are drawn from their own stream: same defects, lines only darken the frame
+    kw = dict(n=3, shape=(128, 128), nm_per_px=0.5, density_per_um2=(2000, 2000), rng=4)
+    a_img, a_box, _ = insitu.simulate_frames(**kw, dislocation_density_m2=None)
+    b_img, b_box, _ = insitu.simulate_frames(**kw, dislocation_density_m2=(1e15, 1e15))
+    assert any((a != b).any() for a, b in zip(a_img, b_img, strict=True))
+    for a, b in zip(a_box, b_box, strict=True):
+        assert {tuple(r) for r in b} <= {tuple(r) for r in a}  # no label from a line
+        assert len(b) >= 0.7 * len(a)
