@@ -200,10 +200,10 @@ def _dislocation_lines(shape, length_px: float, nm_per_px: float, rng) -> np.nda
     """Darkening (M, N) in [0, 1] of curved dislocation lines, ``length_px`` long in all (mean).
 
     Each line starts at a random point and direction and bends with a constant curvature
-    (radius 50-400 nm, at most 2 rad over the line) plus a small wander, over 40-300 nm; in bright field it shows as a
-    dark band 1-4 nm wide whose contrast oscillates along its length where it is inclined
-    in the foil (period 4-15 nm). Real frames hold many such lines (FeCrAl, 316L); a
-    detector that never saw them takes their pieces for loops.
+    (radius 50-400 nm, at most 2 rad over the line) plus a small wander, over 40-300 nm; in
+    bright field it shows as a dark band 1-4 nm wide whose contrast oscillates along its
+    length where it is inclined in the foil (period 4-15 nm). Real frames hold many such
+    lines (FeCrAl, 316L); a detector that never saw them may take their pieces for loops.
     """
     M, N = shape
     acc = np.zeros((M + 2, N + 2))
@@ -695,8 +695,8 @@ def simulate_frames(
     dislocation_density_m2
         (low, high) range of the network dislocation density (m^-2), log-uniform per frame;
         a foil 50-150 nm thick projects ``density x thickness`` of line length per area
-        (5e14 m^-2: ~7 lines of 170 nm across a 150 nm field). None: no lines. The lines are drawn
-        from their own random stream: the rest of each frame is that of ``None``.
+        (5e14 m^-2: ~7 lines of 170 nm across a 150 nm field). None: no lines. The lines
+        are drawn from their own random stream: the rest of each frame is that of ``None``.
     rng
         Seed or generator.
     show_progressbar
@@ -711,6 +711,14 @@ def simulate_frames(
     rng = np.random.default_rng(rng)
     if n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    if dislocation_density_m2 is not None and not (
+        len(dislocation_density_m2) == 2
+        and 0 < dislocation_density_m2[0] <= dislocation_density_m2[1]
+    ):
+        raise ValueError(
+            f"dislocation_density_m2 must be None or (low, high) with 0 < low <= high (m^-2), "
+            f"got {dislocation_density_m2!r}"
+        )
     from tqdm.auto import tqdm
 
     images, boxes, masks = [], [], []

@@ -171,3 +171,9 @@ def test_dislocation_lines_are_long_thin_and_unlabelled():
     for a, b in zip(a_box, b_box, strict=True):
         assert {tuple(r) for r in b} <= {tuple(r) for r in a}  # no label from a line
         assert len(b) >= 0.7 * len(a)
+
+
+@pytest.mark.parametrize("bad", [(0.0, 1e14), (1e14, 1e13), (1e14,)])
+def test_training_frames_bad_dislocation_density(bad):
+    with pytest.raises(ValueError, match="dislocation_density_m2 must be None or"):
+        insitu.simulate_frames(1, (64, 64), dislocation_density_m2=bad)
