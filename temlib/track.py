@@ -1175,15 +1175,16 @@ def watch_folder(
 ) -> pd.DataFrame:
     """Follow a folder as the camera writes frames; detect, link and report live counts.
 
-    A frame is read once its size stopped changing between two polls. The tracks table
-    is rewritten (atomically) to ``out_csv`` after every frame.
+    A frame is read once its size stopped changing between two polls. Each frame's rows
+    are appended to ``out_csv`` as soon as they are linked (a row never changes once
+    linked), so the cost per frame stays flat over a long acquisition.
 
     Parameters
     ----------
     folder
         Folder the camera writes frames into (natural order of names = time order).
     out_csv
-        Tracks table written after every frame.
+        Tracks table (replaced at the start), one frame's rows appended after every frame.
     idle_timeout_s
         Stop after this many seconds without a new frame (None: until interrupted).
     max_frames
@@ -1203,7 +1204,7 @@ def watch_folder(
     parts: list[pd.DataFrame] = []
     i = 0
     idle_since = time.monotonic()
-    tracks = pd.DataFrame(columns=TRACK_COLUMNS)
+    _write_csv_atomic(pd.DataFrame(columns=TRACK_COLUMNS), out_csv)  # the header
     try:
         while max_frames is None or i < max_frames:
             ready = []
@@ -1227,7 +1228,7 @@ def watch_folder(
                 img = detect.read_image(p)
                 b = det.predict(img, conf=conf, tile=tile)[0]
                 ids = linker.update(i, b)
-                parts.append(
+                rows = _finish_table(
                     pd.DataFrame(
                         {
                             "frame": i,
@@ -1239,23 +1240,28 @@ def watch_folder(
                             "conf": b[:, 4],
                             "cls": b[:, 5].astype(int),
                         }
-                    )
+                    ),
+                    nm_per_px,
+                    fps,
+                    dose_rate,
                 )
-                tracks = _finish_table(
-                    pd.concat(parts, ignore_index=True), nm_per_px, fps, dose_rate
-                )
-                _write_csv_atomic(tracks, out_csv)
+                if len(rows):
+                    parts.append(rows)
+                    with open(out_csv, "a") as fh:  # one write per frame: whole lines
+                        fh.write(rows.to_csv(header=False, index=False, float_format="%.4g"))
                 dens = np.nan
                 if nm_per_px:
                     dens = len(b) / (img.shape[0] * img.shape[1] * nm_per_px**2 * 1e-6)
                 if on_frame is not None:
-                    on_frame(i, len(b), int(tracks.track_id.nunique()), dens)
+                    on_frame(
+                        i, len(b), linker.next_id - 1, dens
+                    )  # every box opens or extends a track
                 i += 1
     except KeyboardInterrupt:
         logger.info("watch interrupted after %d frames", i)
     if not parts:
-        _write_csv_atomic(tracks, out_csv)
-    return tracks
+        return pd.DataFrame(columns=TRACK_COLUMNS)
+    return pd.concat(parts, ignore_index=True)
 
 
 def _cli_track(parser):

@@ -385,3 +385,22 @@ def test_cli_track_video_file(tiny_model, tmp_path):
     (tmp_path / "bad.avi").write_bytes(b"not a video")
     with pytest.raises(ValueError, match="is not a readable video"):
         track.track_frames(tmp_path / "bad.avi", tiny_model, progress=False)
+
+
+def test_watch_appends_the_rows_batch_tracking_gives(tiny_model, tmp_path):
+    frames = _frames_dir(tmp_path / "frames", n=5)
+    out = tmp_path / "watch.csv"
+    got = track.watch_folder(
+        frames, out, str(tiny_model), conf=1e-4, nm_per_px=0.4, poll_s=0.05, idle_timeout_s=0.5
+    )
+    back = pd.read_csv(out)
+    ref = track.track_frames(
+        frames, str(tiny_model), conf=1e-4, nm_per_px=0.4, fill=False, progress=False
+    )
+    assert list(back.columns) == track.TRACK_COLUMNS
+    assert len(back) == len(got) == len(ref) > 0
+    assert back.frame.is_monotonic_increasing and set(back.frame) <= set(range(5))
+    cols = ["frame", "track_id", "cls"]
+    np.testing.assert_array_equal(back[cols].to_numpy(), ref[cols].to_numpy())
+    xy = ["x1", "y1", "x2", "y2", "diameter_nm"]
+    np.testing.assert_allclose(back[xy].to_numpy(), ref[xy].to_numpy(), rtol=1e-3)
