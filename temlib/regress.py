@@ -1855,6 +1855,7 @@ def index_stream(
     dtype="uint8",
     poll: float = 0.5,
     timeout: float = 60.0,
+    refresh_s: float = 0.5,
 ):
     """Index patterns as they arrive, in scan (raster) order, and return the final map.
 
@@ -1869,8 +1870,12 @@ def index_stream(
     calibration
         1/Å per px of the patterns.
     callback
-        Called as ``callback(xmap, n_done, info)`` after every chunk with the partial map
-        (pixels not yet acquired are not-indexed), e.g. :func:`live_display`.
+        Called as ``callback(xmap, n_done, info)`` with the partial map (pixels not yet
+        acquired are not-indexed), e.g. :func:`live_display`: after a chunk when at least
+        ``refresh_s`` seconds passed since the last call, and after the last chunk.
+    refresh_s
+        Shortest time between two callbacks (0: after every chunk). Building the partial
+        map costs ~35 ms for a 500 x 500 scan, a quarter of indexing a 256-pattern chunk.
 
     Returns
     -------
@@ -1889,8 +1894,16 @@ def index_stream(
                 )
             source = iter_growing_file(src, frame_shape, total, dtype, poll=poll, timeout=timeout)
     res = IndexResult.empty(total, models.phases)
-    done, chunks = 0, 0
+    done, chunks, shown = 0, 0, 0
     busy, cpu0, t0 = 0.0, time.process_time(), time.perf_counter()
+    last_call = -np.inf
+
+    def report():
+        nonlocal shown, last_call
+        filled = np.arange(total) < done
+        callback(to_crystal_map(res, shape, filled=filled), done, {"seconds": busy})
+        shown, last_call = done, time.perf_counter()
+
     for block in source:
         b = np.asarray(block)
         b = b.reshape(-1, *b.shape[-2:])[: total - done]
@@ -1901,11 +1914,12 @@ def index_stream(
         busy += time.perf_counter() - t1
         done += len(b)
         chunks += 1
-        if callback is not None:
-            filled = np.arange(total) < done
-            callback(to_crystal_map(res, shape, filled=filled), done, {"seconds": busy})
+        if callback is not None and (done >= total or time.perf_counter() - last_call >= refresh_s):
+            report()
         if done >= total:
             break
+    if callback is not None and shown < done:
+        report()
     info = {
         "seconds": busy,
         "wall_seconds": time.perf_counter() - t0,

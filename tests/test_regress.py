@@ -342,9 +342,26 @@ def test_index_stream_iterator_folder_and_growing_file(tiny_regressor, tmp_path)
     models = regress.Models(["ferrite"], {"ferrite": reg}, None, None, {"ferrite": "ml"}, st)
     calls = []
     xmap, info = regress.index_stream(
-        iter(np.split(pats, 4)), (6, 8), cal, models, callback=lambda x, n, i: calls.append(n)
+        iter(np.split(pats, 4)),
+        (6, 8),
+        cal,
+        models,
+        callback=lambda x, n, i: calls.append(n),
+        refresh_s=0,
     )
     assert xmap.shape == (6, 8) and calls == [12, 24, 36, 48]
+    # callbacks at most every refresh_s, and always after the last chunk (a stream that
+    # ends before the scan is full too)
+    calls.clear()
+    regress.index_stream(
+        iter(np.split(pats, 4)[:3]),
+        (6, 8),
+        cal,
+        models,
+        callback=lambda x, n, i: calls.append(n),
+        refresh_s=1e6,
+    )
+    assert calls == [12, 36]
     assert (xmap.phase_id == 0).all() and (xmap.prop["branch"] == 0).all()
     # folder of chunk files
     folder = tmp_path / "chunks"
