@@ -36,6 +36,22 @@ def gaussian_taps(sigma: float, truncate: float = 3.0) -> np.ndarray:
     return (g / g.sum()).astype(np.float32)
 
 
+def bilinear_corners(rows: np.ndarray, cols: np.ndarray, dtype=np.float64):
+    """The four pixels around each point and their bilinear weights, for splatting.
+
+    Returns four ``(r, c, w)``: int64 rows and columns (``floor`` and ``floor + 1``) and
+    the weights in ``dtype``; the weights of a point sum to one.
+    """
+    r0, c0 = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
+    fr, fc = (rows - r0).astype(dtype), (cols - c0).astype(dtype)
+    return (
+        (r0, c0, (1 - fr) * (1 - fc)),
+        (r0 + 1, c0, fr * (1 - fc)),
+        (r0, c0 + 1, (1 - fr) * fc),
+        (r0 + 1, c0 + 1, fr * fc),
+    )
+
+
 def _stack(patterns: np.ndarray) -> np.ndarray:
     p = np.asarray(patterns)
     if p.ndim != 3:

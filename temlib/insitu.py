@@ -205,10 +205,15 @@ def _dislocation_lines(shape, length_px: float, nm_per_px: float, rng) -> np.nda
     length where it is inclined in the foil (period 4-15 nm). Real frames hold many such
     lines (FeCrAl, 316L); a detector that never saw them may take their pieces for loops.
     """
+    from ._kernels import bilinear_corners
+
     M, N = shape
-    acc = np.zeros((M + 2, N + 2))
+    n_lines = rng.poisson(length_px * nm_per_px / 170.0)  # 170 nm: mean line length
+    if n_lines == 0:
+        return np.zeros(shape)
+    idx, wts = [], []  # splatted points, on a frame with one px of border on each side
     step = 0.5  # px between splatted points
-    for _ in range(rng.poisson(length_px * nm_per_px / 170.0)):  # 170 nm: mean line length
+    for _ in range(n_lines):
         length_nm = rng.uniform(40, 300)
         n = int(length_nm / nm_per_px / step) + 2
         # bent by at most 2 rad over its length: a line never closes into a loop-like ring
@@ -223,16 +228,12 @@ def _dislocation_lines(shape, length_px: float, nm_per_px: float, rng) -> np.nda
         amp = 1.0 + rng.uniform(0, 0.7) * np.sin(2 * np.pi * s / rng.uniform(4, 15))
         amp *= rng.uniform(0.4, 1.0) * step
         ok = (r > -1) & (r < M) & (c > -1) & (c < N)
-        r, c, amp = r[ok] + 1, c[ok] + 1, amp[ok]
-        ri, ci = np.floor(r).astype(int), np.floor(c).astype(int)
-        fr, fc = r - ri, c - ci
-        for dr, dc, w in (
-            (0, 0, (1 - fr) * (1 - fc)),
-            (1, 0, fr * (1 - fc)),
-            (0, 1, (1 - fr) * fc),
-            (1, 1, fr * fc),
-        ):
-            np.add.at(acc, (np.minimum(ri + dr, M + 1), np.minimum(ci + dc, N + 1)), amp * w)
+        for rr, cc, w in bilinear_corners(r[ok] + 1, c[ok] + 1):
+            idx.append(np.minimum(rr, M + 1) * (N + 2) + np.minimum(cc, N + 1))
+            wts.append(amp[ok] * w)
+    acc = np.bincount(
+        np.concatenate(idx), weights=np.concatenate(wts), minlength=(M + 2) * (N + 2)
+    ).reshape(M + 2, N + 2)
     sigma = max(rng.uniform(1.0, 4.0) / nm_per_px / 2.355, 0.6)  # FWHM 1-4 nm
     # a straight line of unit weight per px peaks at 1 / (sqrt(2 pi) sigma) once blurred
     field = ndi.gaussian_filter(acc, sigma)[1:-1, 1:-1] * np.sqrt(2 * np.pi) * sigma

@@ -371,16 +371,10 @@ def _splat(
     The stack is kept row-major across patterns so that blurring along both axes is one
     large GEMM each, with no transposes (see :func:`_separable`). Off-frame spots drop.
     """
+    from ._kernels import bilinear_corners
+
     grid = np.zeros(size * n * size, np.float32)
-    r0, c0 = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
-    fr, fc = (rows - r0).astype(np.float32), (cols - c0).astype(np.float32)
-    for dr, dc, w in (
-        (0, 0, (1 - fr) * (1 - fc)),
-        (1, 0, fr * (1 - fc)),
-        (0, 1, (1 - fr) * fc),
-        (1, 1, fr * fc),
-    ):
-        r, c = r0 + dr, c0 + dc
+    for r, c, w in bilinear_corners(rows, cols, np.float32):
         ok = (r >= 0) & (r < size) & (c >= 0) & (c < size)
         np.add.at(grid, (r[ok] * n + pat[ok]) * size + c[ok], counts[ok] * w[ok])
     return grid.reshape(size, n, size)

@@ -1149,11 +1149,14 @@ def plot_tracks(image: np.ndarray, tracks: pd.DataFrame, frame: int, ax=None, ta
 # Command line
 
 
+CSV_FLOAT_FORMAT = "%.4g"  # of every tracks table written, whole or frame by frame
+
+
 def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False, float_format="%.4g")
+    df.to_csv(tmp, index=False, float_format=CSV_FLOAT_FORMAT)
     os.replace(tmp, path)
 
 
@@ -1248,14 +1251,15 @@ def watch_folder(
                 if len(rows):
                     parts.append(rows)
                     with open(out_csv, "a") as fh:  # one write per frame: whole lines
-                        fh.write(rows.to_csv(header=False, index=False, float_format="%.4g"))
+                        fh.write(
+                            rows.to_csv(header=False, index=False, float_format=CSV_FLOAT_FORMAT)
+                        )
                 dens = np.nan
                 if nm_per_px:
                     dens = len(b) / (img.shape[0] * img.shape[1] * nm_per_px**2 * 1e-6)
                 if on_frame is not None:
-                    on_frame(
-                        i, len(b), linker.next_id - 1, dens
-                    )  # every box opens or extends a track
+                    # every box opens or extends a track: the ids handed out are the tracks
+                    on_frame(i, len(b), linker.next_id - 1, dens)
                 i += 1
     except KeyboardInterrupt:
         logger.info("watch interrupted after %d frames", i)
