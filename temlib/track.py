@@ -1149,7 +1149,9 @@ def plot_tracks(image: np.ndarray, tracks: pd.DataFrame, frame: int, ax=None, ta
 # Command line
 
 
-CSV_FLOAT_FORMAT = "%.4g"  # of every tracks table written, whole or frame by frame
+CSV_FLOAT_FORMAT = "%.6g"  # of every tracks table written, whole or frame by frame
+# (6 digits: 0.01 px up to 9999 px; "%.4g" wrote x = 1234.56 as 1235)
+MIN_LENGTH = 5  # frames: the shortest track `temlib track` keeps (params/07: 5 vs 3 validated)
 
 
 def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -1175,12 +1177,15 @@ def watch_folder(
     idle_timeout_s: float | None = None,
     max_frames: int | None = None,
     on_frame=None,
+    min_length: int = 1,
 ) -> pd.DataFrame:
     """Follow a folder as the camera writes frames; detect, link and report live counts.
 
     A frame is read once its size stopped changing between two polls. Each frame's rows
     are appended to ``out_csv`` as soon as they are linked (a row never changes once
-    linked), so the cost per frame stays flat over a long acquisition.
+    linked), so the cost per frame stays flat over a long acquisition. When the watch
+    ends (idle timeout, ``max_frames`` or Ctrl-C), tracks seen in fewer than
+    ``min_length`` frames are dropped from the file, as :func:`track_frames` drops them.
 
     Parameters
     ----------
@@ -1193,18 +1198,25 @@ def watch_folder(
     max_frames
         Stop after this many frames.
     on_frame
-        Called as ``on_frame(frame, n_defects, n_tracks, density_per_um2)`` after each frame.
+        Called as ``on_frame(frame, n_defects, n_tracks, density_per_um2)`` after each frame;
+        ``n_tracks`` counts the tracks seen in at least ``min_length`` frames so far.
+    min_length
+        Shortest track kept (frames); 1 keeps every track.
 
     Other parameters are as in :func:`track_frames`.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder to watch")
+    if int(min_length) != min_length or min_length < 1:
+        raise ValueError(f"min_length {min_length!r} must be a positive whole number of frames")
     det = model if isinstance(model, detect.Detector) else detect.load_detector(model)
     linker = Linker(max_distance_px, memory, True)
     seen: set[str] = set()
     sizes: dict[str, int] = {}
     parts: list[pd.DataFrame] = []
+    seen_in = np.zeros(64, int)  # frames each track id was seen in, by id
+    confirmed = 0  # tracks seen in at least min_length frames
     i = 0
     idle_since = time.monotonic()
     _write_csv_atomic(pd.DataFrame(columns=TRACK_COLUMNS), out_csv)  # the header
@@ -1257,15 +1269,23 @@ def watch_folder(
                 dens = np.nan
                 if nm_per_px:
                     dens = len(b) / (img.shape[0] * img.shape[1] * nm_per_px**2 * 1e-6)
+                if len(ids):  # the ids of one frame are distinct, all >= 1
+                    if ids.max() >= len(seen_in):
+                        seen_in = np.pad(seen_in, (0, max(ids.max() + 1, 2 * len(seen_in))))
+                    seen_in[ids] += 1
+                    confirmed += int((seen_in[ids] == min_length).sum())
                 if on_frame is not None:
-                    # every box opens or extends a track: the ids handed out are the tracks
-                    on_frame(i, len(b), linker.next_id - 1, dens)
+                    on_frame(i, len(b), confirmed, dens)
                 i += 1
     except KeyboardInterrupt:
         logger.info("watch interrupted after %d frames", i)
     if not parts:
         return pd.DataFrame(columns=TRACK_COLUMNS)
-    return pd.concat(parts, ignore_index=True)
+    tracks = pd.concat(parts, ignore_index=True)
+    if min_length > 1:
+        tracks = filter_tracks(tracks, min_length)
+        _write_csv_atomic(tracks, out_csv)
+    return tracks
 
 
 def _cli_track(parser):
@@ -1306,6 +1326,12 @@ def _cli_track(parser):
         "--max-distance", type=float, default=8.0, help="largest displacement between frames, px"
     )
     parser.add_argument(
+        "--min-length",
+        type=int,
+        default=MIN_LENGTH,
+        help=f"shortest track kept, frames (default {MIN_LENGTH}; 1 keeps one-frame detections)",
+    )
+    parser.add_argument(
         "--idle-timeout",
         type=float,
         default=None,
@@ -1319,12 +1345,17 @@ def _cli_track(parser):
                 raise ValueError(f"--{name.replace('_', '-')} {v!r} must be positive")
         if args.dose_rate is not None and args.fps is None:
             raise ValueError("--dose-rate needs --fps to turn frames into dose")
+        if args.min_length < 1:
+            raise ValueError(f"--min-length {args.min_length!r} must be at least 1 frame")
         if args.watch:
             print(f"watching {args.source} (Ctrl-C to stop) ...", flush=True)
 
             def show(i, n, ntr, dens):
                 extra = f", {dens:.0f} /um^2" if np.isfinite(dens) else ""
-                print(f"frame {i}: {n} defects{extra}, {ntr} tracks so far", flush=True)
+                print(
+                    f"frame {i}: {n} defects{extra}, {ntr} tracks of >= {args.min_length} frames",
+                    flush=True,
+                )
 
             t = watch_folder(
                 args.source,
@@ -1338,6 +1369,7 @@ def _cli_track(parser):
                 args.max_distance,
                 idle_timeout_s=args.idle_timeout,
                 on_frame=show,
+                min_length=args.min_length,
             )
         else:
             t = track_frames(
@@ -1350,11 +1382,13 @@ def _cli_track(parser):
                 fps=args.fps,
                 dose_rate=args.dose_rate,
                 max_distance_px=args.max_distance,
+                min_length=args.min_length,
             )
             _write_csv_atomic(t, args.out)
         n_frames = int(t.frame.max()) + 1 if len(t) else 0
         print(
-            f"{t.track_id.nunique() if len(t) else 0} tracks, {len(t)} detections in {n_frames} frames; wrote {args.out}"
+            f"{t.track_id.nunique() if len(t) else 0} tracks of >= {args.min_length} frames, "
+            f"{len(t)} detections in {n_frames} frames; wrote {args.out}"
         )
         return 0
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from temlib import cli, insitu, track
+from temlib import cli, detect, insitu, track
 
 
 def _detections_from_truth(video, rng, jitter_px=0.5, miss=0.0):
@@ -151,7 +151,6 @@ def test_empty_inputs():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny in-situ YOLO trained in seconds (it need not detect well: it exercises the I/O)."""
-    from temlib import detect
 
     root = tmp_path_factory.mktemp("model")
     ims, boxes, _ = insitu.simulate_frames(8, (96, 96), nm_per_px=0.6, rng=0)
@@ -194,12 +193,14 @@ def test_cli_track_folder_and_detect(tiny_model, tmp_path, capsys):
             "0.001",
             "--nm-per-px",
             "0.4",
+            "--min-length",
+            "1",
         ]
     )
     assert rc == 0
     t = pd.read_csv(out)
     assert list(t.columns) == track.TRACK_COLUMNS
-    assert "tracks" in capsys.readouterr().out
+    assert "tracks of >= 1 frames" in capsys.readouterr().out
     # temlib detect with the same model: one txt per frame, same stem, class box conf
     pred = tmp_path / "pred"
     assert (
@@ -267,6 +268,7 @@ def test_cli_track_watch_follows_new_frames(tiny_model, tmp_path):
     [
         (["--fps", "-1"], "--fps -1.0 must be positive"),
         (["--dose-rate", "0.1"], "--dose-rate needs --fps"),
+        (["--min-length", "0"], "--min-length 0 must be at least 1 frame"),
     ],
 )
 def test_cli_track_bad_options(tmp_path, capsys, args, message):
@@ -292,8 +294,6 @@ def test_cli_track_empty_folder(tiny_model, tmp_path, capsys):
 def test_compare_models_scores_every_file_on_every_set(tiny_model, tmp_path):
     import shutil
 
-    from temlib import detect
-
     folder = tmp_path / "m"
     folder.mkdir()
     shutil.copy(tiny_model / "best.pt", folder)
@@ -314,7 +314,6 @@ def test_compare_models_scores_every_file_on_every_set(tiny_model, tmp_path):
 
 def test_native_scale_model_pads_small_frames(tiny_model):
     """The in-situ model runs at native pixel scale: small frames are padded, not enlarged."""
-    from temlib import detect
 
     det = detect.load_detector(tiny_model)
     det.metadata["native_scale"], det.imgsz = True, 256
@@ -404,3 +403,45 @@ def test_watch_appends_the_rows_batch_tracking_gives(tiny_model, tmp_path):
     np.testing.assert_array_equal(back[cols].to_numpy(), ref[cols].to_numpy())
     xy = ["x1", "y1", "x2", "y2", "diameter_nm"]
     np.testing.assert_allclose(back[xy].to_numpy(), ref[xy].to_numpy(), rtol=1e-3)
+
+
+class _PlantedDetector(detect.Detector):
+    """Returns planted boxes, frame after frame: A in frames 0-4, B in 1-2, C in 2-4."""
+
+    def __init__(self):
+        self.metadata, self.calls = {}, 0
+
+    def predict(self, image, conf=None, iou=0.5, tile=None):
+        k, self.calls = self.calls, self.calls + 1
+        b = [[20, 20, 30, 30, 0.9, 0]]  # A
+        if k in (1, 2):
+            b.append([60, 60, 70, 70, 0.8, 1])  # B
+        if k >= 2:
+            b.append([100, 30, 110, 40, 0.7, 0])  # C
+        return [np.array(b, float)]
+
+
+def test_watch_drops_short_tracks_as_batch_tracking_does(tmp_path):
+    frames = _frames_dir(tmp_path / "frames", n=5)
+    out = tmp_path / "watch.csv"
+    counts = []
+    got = track.watch_folder(
+        frames,
+        out,
+        _PlantedDetector(),
+        poll_s=0.05,
+        idle_timeout_s=0.5,
+        min_length=3,
+        on_frame=lambda i, n, ntr, dens: counts.append(ntr),
+    )
+    # live counts: the tracks that reached 3 frames so far (A at frame 2, C at frame 4)
+    assert counts == [0, 0, 1, 1, 2]
+    back = pd.read_csv(out)
+    assert sorted(back.groupby("track_id").frame.size()) == [3, 5]  # B (2 frames) dropped
+    assert set(back.x1[back.cls == 1]) == set()  # B was the only class-1 defect
+    ref = track.track_frames(frames, _PlantedDetector(), min_length=3, fill=False, progress=False)
+    cols = ["frame", "track_id", "cls"]
+    np.testing.assert_array_equal(back[cols].to_numpy(), ref[cols].to_numpy())
+    np.testing.assert_array_equal(got[cols].to_numpy(), ref[cols].to_numpy())
+    with pytest.raises(ValueError, match="min_length 0 must be a positive whole number"):
+        track.watch_folder(frames, out, _PlantedDetector(), min_length=0)
