@@ -236,3 +236,41 @@ def spot_overlay(
     ax.set_xlim(0, p.shape[1] - 1)
     ax.set_ylim(p.shape[0] - 1, 0)
     ax.set_axis_off()
+
+
+def error_cdf(errors: dict, max_deg: float = 20.0, ax=None, title: str = ""):
+    """Share of pixels indexed within each disorientation, one line per method.
+
+    Parameters
+    ----------
+    errors
+        ``{method: (N,) disorientations in deg}``; NaN (a wrong phase, nothing indexed)
+        counts as never within, so each curve ends at the method's share of correct pixels.
+    max_deg
+        Right end of the angle axis (deg).
+    """
+    plt = _plt()
+    if not errors:
+        raise ValueError("No errors to plot; expected {method: disorientations in deg}")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    else:
+        fig = ax.figure
+    x = np.linspace(0.0, float(max_deg), 401)
+    for name, e in errors.items():
+        e = np.asarray(e, float).ravel()
+        if e.size == 0:
+            continue
+        within = np.sort(np.where(np.isfinite(e), e, np.inf))
+        ax.plot(x, np.searchsorted(within, x, side="right") / e.size, label=f"{name} (n={e.size})")
+    for a in (0.5, 2.0):
+        ax.axvline(a, color="0.6", lw=0.8, ls=":")
+    ax.set(
+        xlim=(0, max_deg),
+        ylim=(0, 1),
+        xlabel="disorientation (deg, modulo the beam flip)",
+        ylabel="share of pixels within",
+        title=title,
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    return fig

@@ -341,3 +341,20 @@ def test_resolve_beam_flip_bad_shapes(library):
         M.resolve_beam_flip(
             np.zeros((3, 40, 90)), np.tile([1.0, 0, 0, 0], (3, 1)), pt.phase, library.settings
         )
+
+
+def test_error_cdf_counts_a_wrong_phase_as_never_within():
+    import matplotlib
+
+    from temlib import plots
+
+    matplotlib.use("Agg")
+    fig = plots.error_cdf({"a": [0.1, 1.0, 3.0, np.nan], "b": [5.0, 25.0]}, max_deg=20)
+    a, b = fig.axes[0].get_lines()[:2]
+    x, y = a.get_data()
+    assert y[np.searchsorted(x, 2.0)] == 0.5 and y[-1] == 0.75  # NaN never within
+    x, y = b.get_data()
+    assert y[np.searchsorted(x, 4.9)] == 0.0 and y[-1] == 0.5
+    assert a.get_label() == "a (n=4)"
+    with pytest.raises(ValueError, match="No errors to plot"):
+        plots.error_cdf({})
