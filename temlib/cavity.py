@@ -1622,6 +1622,26 @@ def shared_backgrounds(max_images: int = 40, rng=None) -> list[tuple[str, np.nda
     return [(files[i].name, read_image(files[i]), np.zeros((0, 5))) for i in sorted(pick)]
 
 
+def real_negative_images(max_images: int = 12) -> list[tuple[str, np.ndarray]]:
+    """Real irradiated-foil images without cavities from ``../shared/data``, or ``[]``.
+
+    The labelled FeCrAl defect images (BF-TEM, BF-STEM and HAADF, 1024-2048 px) hold
+    dislocation loops and black dots, no cavities, and are not among the training
+    backgrounds of :func:`shared_backgrounds`: every box a cavity detector draws on
+    them is false. At most ``max_images``, spread over the set. Returns ``(name, image)``.
+    """
+    from . import insitu, paths
+
+    root = paths.shared_data()
+    if max_images < 1 or root is None:
+        return []
+    if not (root / "defects" / "fecral_multitype_valset").is_dir():
+        return []
+    images, _, names = insitu.read_fecral_labelled()
+    idx = np.unique(np.linspace(0, len(images) - 1, min(max_images, len(images))).round())
+    return [(names[i], images[i]) for i in idx.astype(int)]
+
+
 def real_cavity_images(
     max_images: int = 6, max_size: int = 1024
 ) -> list[tuple[str, np.ndarray, float | None]]:

@@ -276,3 +276,24 @@ def test_choose_confidence_plants_the_best_threshold_and_predict_uses_it(tmp_pat
     assert seen["conf"] == conf
     with pytest.raises(FileNotFoundError, match="No metadata.json"):
         detect.update_metadata(tmp_path / "nothing", conf=0.5)
+
+
+def test_real_negatives_raise_the_threshold_above_their_false_boxes():
+    # four labelled frames: three true boxes found at 0.9 and a faint one at 0.3 each; two
+    # frames without cavities (real foil texture) draw false boxes at 0.3 to 0.45
+    xy = [[10, 10, 30, 30], [50, 10, 70, 30], [10, 50, 30, 70], [50, 50, 70, 80]]
+    truth = [np.array([[0, *b] for b in xy], float)] * 4
+    found = [
+        np.array([[*b, c, 0] for b, c in zip(xy, (0.9, 0.9, 0.9, 0.3), strict=True)], float)
+    ] * 4
+    fake = [[5, 5, 15, 15], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]]
+    found += [
+        np.array([[*b, c, 0] for b, c in zip(fake, (0.3, 0.35, 0.4, 0.45), strict=True)], float)
+    ] * 2
+    frames = [np.full((100, 100), i, np.uint8) for i in range(6)]
+    det, _ = _planted_detector(found)
+    alone, _ = detect.choose_confidence(det, frames[:4], truth)
+    assert alone == 0.1  # every box is true: the lowest threshold keeps the faint ones
+    both, table = detect.choose_confidence(det, frames, truth + [np.zeros((0, 5))] * 2)
+    assert both == 0.5  # above every false box: F1 12/14 there, 0.8 at 0.1
+    assert table.set_index("conf").loc[0.5, "f1"] == pytest.approx(12 / 14)
