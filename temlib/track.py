@@ -356,6 +356,7 @@ def link(
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
+    _check_min_length(min_length)
     missing = {"frame", "x1", "y1", "x2", "y2"} - set(detections.columns)
     if missing:
         raise ValueError(
@@ -406,9 +407,15 @@ def fill_gaps(tracks: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["frame", "track_id"]).reset_index(drop=True)
 
 
+def _check_min_length(min_length) -> None:
+    if isinstance(min_length, bool) or int(min_length) != min_length or min_length < 1:
+        raise ValueError(f"min_length {min_length!r} must be a positive whole number of frames")
+
+
 def filter_tracks(tracks: pd.DataFrame, min_length: int = 1) -> pd.DataFrame:
     """Tracks seen in at least ``min_length`` frames."""
-    if min_length <= 1 or tracks.empty:
+    _check_min_length(min_length)
+    if min_length == 1 or tracks.empty:
         return tracks.reset_index(drop=True)
     n = tracks.groupby("track_id").frame.transform("size")
     return tracks[n >= min_length].reset_index(drop=True)
@@ -525,6 +532,7 @@ def track_frames(
 
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
+    _check_min_length(min_length)
     det = model if isinstance(model, detect.Detector) else detect.load_detector(model)
     tracker = (
         Linker(max_distance_px, memory, True) if method == "linker" else _UltralyticsTracker(method)
@@ -1208,8 +1216,7 @@ def watch_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder to watch")
-    if int(min_length) != min_length or min_length < 1:
-        raise ValueError(f"min_length {min_length!r} must be a positive whole number of frames")
+    _check_min_length(min_length)
     det = model if isinstance(model, detect.Detector) else detect.load_detector(model)
     linker = Linker(max_distance_px, memory, True)
     seen: set[str] = set()

@@ -445,3 +445,8 @@ def test_watch_drops_short_tracks_as_batch_tracking_does(tmp_path):
     np.testing.assert_array_equal(got[cols].to_numpy(), ref[cols].to_numpy())
     with pytest.raises(ValueError, match="min_length 0 must be a positive whole number"):
         track.watch_folder(frames, out, _PlantedDetector(), min_length=0)
+    for bad in (0, 2.5):  # every path, before any frame is read
+        with pytest.raises(ValueError, match=f"min_length {bad} must be a positive whole"):
+            track.track_frames(frames, _PlantedDetector(), min_length=bad, progress=False)
+        with pytest.raises(ValueError, match=f"min_length {bad} must be a positive whole"):
+            track.filter_tracks(back, bad)
