@@ -852,14 +852,16 @@ def choose_confidence(
     maximum F1 is flat and the argmax moves with the few images at hand, so the lowest
     threshold whose F1 is within ``tolerance`` of the best is returned: it keeps recall,
     which counts and swelling (a missed large cavity weighs d^3) need most. Use held-out
-    images that are not the test set (the threshold is a fitted parameter).
+    images that are not the test set (the threshold is a fitted parameter). Images with
+    no labels (e.g. real images known to hold no object) count every box as false.
 
     Returns
     -------
     conf
         The chosen threshold.
     table
-        pandas DataFrame: threshold, precision, recall, F1.
+        pandas DataFrame: threshold, precision, recall, F1, and ``false per empty image``
+        (boxes per image without labels; NaN when every image has labels).
     """
     import pandas as pd
 
@@ -867,6 +869,7 @@ def choose_confidence(
     if not grid or not 0 < grid[0] < 1 or grid[-1] >= 1:
         raise ValueError(f"Thresholds {grid} are not valid; expected values in (0, 1)")
     preds = detector.predict(images, conf=grid[0], **predict_kwargs)
+    empty = [p[:, 4] for p, lab in zip(preds, labels, strict=True) if len(lab) == 0]
     rows = []
     for c in grid:
         ev = evaluate([p[p[:, 4] >= c] for p in preds], labels, iou_thresholds=(iou,))
@@ -876,6 +879,9 @@ def choose_confidence(
                 "precision": ev[f"precision@{iou}"],
                 "recall": ev[f"recall@{iou}"],
                 "f1": ev[f"f1@{iou}"],
+                "false per empty image": (
+                    sum(int((e >= c).sum()) for e in empty) / len(empty) if empty else np.nan
+                ),
             }
         )
     table = pd.DataFrame(rows)

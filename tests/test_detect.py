@@ -297,3 +297,6 @@ def test_real_negatives_raise_the_threshold_above_their_false_boxes():
     both, table = detect.choose_confidence(det, frames, truth + [np.zeros((0, 5))] * 2)
     assert both == 0.5  # above every false box: F1 12/14 there, 0.8 at 0.1
     assert table.set_index("conf").loc[0.5, "f1"] == pytest.approx(12 / 14)
+    # the false boxes per empty frame, from the same detections: 4 at 0.3, 1 at 0.45, 0 above
+    per_empty = table.set_index("conf")["false per empty image"]
+    assert per_empty[0.3] == 4 and per_empty[0.45] == 1 and per_empty[0.5] == 0
