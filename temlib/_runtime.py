@@ -89,11 +89,17 @@ def ultralytics():
     """Import ultralytics configured for offline, in-project use and return the module.
 
     Settings (runs, weights, datasets folders) point inside the project, sync is
-    off, and torch gets ``n_threads()`` threads (ultralytics would take cores - 1).
+    off, and torch gets ``n_threads()`` threads. Ultralytics would take cores - 1: its
+    ``select_device`` (called by every trainer and predictor) resets torch to
+    ``NUM_THREADS``, which left training on one core of a 2-core machine (1.7x slower
+    per epoch); that constant is set to ``n_threads()`` too.
     """
     apply()
     import torch
     import ultralytics as ul
+    import ultralytics.utils.torch_utils as ul_torch
+
+    ul_torch.NUM_THREADS = n_threads()
 
     ul.settings.update(
         {

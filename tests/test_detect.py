@@ -300,3 +300,25 @@ def test_real_negatives_raise_the_threshold_above_their_false_boxes():
     # the false boxes per empty frame, from the same detections: 4 at 0.3, 1 at 0.45, 0 above
     per_empty = table.set_index("conf")["false per empty image"]
     assert per_empty[0.3] == 4 and per_empty[0.45] == 1 and per_empty[0.5] == 0
+
+
+@pytest.mark.parametrize("threads", [2, 5])
+def test_ultralytics_device_selection_keeps_temlib_threads(monkeypatch, threads):
+    # ultralytics' select_device (every trainer and predictor) resets torch to cores - 1
+    # threads: one core of two for training. temlib's thread count must survive it.
+    import torch
+
+    from temlib import _runtime
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("TEMLIB_THREADS", str(threads))
+    try:
+        _runtime.ultralytics()
+        from ultralytics.utils.torch_utils import select_device
+
+        select_device("cpu", verbose=False)
+        assert torch.get_num_threads() == threads
+    finally:
+        monkeypatch.delenv("TEMLIB_THREADS")
+        _runtime.ultralytics()
+        torch.set_num_threads(before)
