@@ -1,14 +1,16 @@
 """Speed of detection + tracking on 1024 x 1024 in-situ frames (target >= 25 frames/s on 2 cores).
 
-Times ``temlib.track.track_frames`` (grey conversion, YOLO detection, linking) frame by frame
+Times ``temlib.track.track_frames`` (grey conversion, YOLO detection, tracking) frame by frame
 on a synthetic 1024 px video, median over frames after a warm-up, for each model file of the
 in-situ model folder: the exported models (OpenVINO INT8, OpenVINO in the CPU's default
-precision, ONNX) against PyTorch ``best.pt`` (the peer, measured in the same run).
+precision, ONNX) against PyTorch ``best.pt`` (the peer, measured in the same run), and for
+each tracker of ``--methods`` (default: the linker, ``temlib track``'s default, and BoT-SORT,
+the best by IDF1 in notebook 07's report run) with the fastest export.
 Threads: ``TEMLIB_THREADS`` (default: all cores).
 On a shared machine wall times depend on the load, so the process CPU time per frame is
 printed too, with the rate it allows when the threads have the cores to themselves.
 
-Usage: python benchmarks/bench_track.py [MODEL_DIR] [--frames N]
+Usage: python benchmarks/bench_track.py [MODEL_DIR] [--frames N] [--methods linker botsort]
 (default MODEL_DIR: data/models/insitu, trained by notebook 07's default profile).
 """
 
@@ -29,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("model_dir", nargs="?", default=str(detect.default_model_dir("insitu")))
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--methods", nargs="+", default=["linker", "botsort"], choices=track.METHODS)
     args = ap.parse_args(argv)
     from pathlib import Path
 
@@ -45,46 +48,69 @@ def main(argv=None) -> int:
         rng=0,
     )
     n_true = video.truth.groupby("frame").size().median()
-    rows = []
-    for kind in ("openvino_int8", "openvino", "onnx", "pt"):
-        if kind not in files:
-            continue
+    meta = detect.load_detector(folder).metadata
+
+    def measure(kind: str, method: str):
         det = detect.load_detector(files[kind])
-        det.metadata = detect.load_detector(folder).metadata
-        det.imgsz = int(det.metadata.get("imgsz", det.imgsz))
+        det.metadata = meta
+        det.imgsz = int(meta.get("imgsz", det.imgsz))
         timings: list[float] = []
-        track.track_frames(video.frames[: args.warmup], det, conf=0.25, progress=False)
+        track.track_frames(
+            video.frames[: args.warmup], det, method=method, conf=0.25, progress=False
+        )
         cpu0 = time.process_time()
         track.track_frames(
-            video.frames[args.warmup :], det, conf=0.25, timings=timings, progress=False
+            video.frames[args.warmup :],
+            det,
+            method=method,
+            conf=0.25,
+            timings=timings,
+            progress=False,
         )
         cpu = (time.process_time() - cpu0) / args.frames
         t = np.array(timings)
-        rows.append(
-            (kind, files[kind].name, np.median(t) * 1e3, np.percentile(t, 90) * 1e3, cpu * 1e3)
-        )
+        return (
+            method,
+            kind,
+            files[kind].name,
+            np.median(t) * 1e3,
+            np.percentile(t, 90) * 1e3,
+            cpu * 1e3,
+        ), det.imgsz
+
+    rows = []
+    for kind in ("openvino_int8", "openvino", "onnx", "pt"):
+        if kind in files:
+            row, imgsz = measure(kind, args.methods[0])
+            rows.append(row)
+    fastest = min(rows, key=lambda r: r[3])[1]
+    for method in args.methods[1:]:
+        rows.append(measure(fastest, method)[0])
     nt = _runtime.n_threads()
     print(
-        f"detection + linking, {args.frames} frames 1024x1024 (median {n_true:.0f} defects/frame), "
-        f"{nt} threads, imgsz {det.imgsz}; load average {os.getloadavg()[0]:.1f} on "
+        f"detection + tracking, {args.frames} frames 1024x1024 (median {n_true:.0f} defects/frame), "
+        f"{nt} threads, imgsz {imgsz}; load average {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores (wall times are clean only near load {nt})"
     )
-    peer = next((r for r in rows if r[0] == "pt"), None)
+    peer = next((r for r in rows if r[1] == "pt"), None)
     print(
-        f"{'model':<14} {'file':<26} {'median ms':>10} {'p90 ms':>8} {'frames/s':>9} "
+        f"{'tracker':<10} {'model':<14} {'file':<26} {'median ms':>10} {'p90 ms':>8} {'frames/s':>9} "
         f"{'CPU ms/frame':>13} {'CPU-bound f/s':>14} {'vs pt':>6}"
     )
-    for kind, name, med, p90, cpu in rows:
-        ratio = f"{peer[2] / med:5.1f}x" if peer else "  n/a"
+    for method, kind, name, med, p90, cpu in rows:
+        ratio = f"{peer[3] / med:5.1f}x" if peer else "  n/a"
         print(
-            f"{kind:<14} {name:<26} {med:10.1f} {p90:8.1f} {1e3 / med:9.1f} "
+            f"{method:<10} {kind:<14} {name:<26} {med:10.1f} {p90:8.1f} {1e3 / med:9.1f} "
             f"{cpu:13.1f} {1e3 * nt / cpu:14.1f} {ratio:>6}"
         )
-    best, best_cpu = min(r[2] for r in rows), min(r[4] for r in rows)
-    print(
-        f"target >= 25 frames/s: wall {'met' if 1e3 / best >= 25 else 'NOT met'} ({1e3 / best:.1f}); "
-        f"CPU-bound estimate {1e3 * nt / best_cpu:.1f} frames/s ({nt} threads with the cores to themselves)"
-    )
+    for method in args.methods:
+        mine = [r for r in rows if r[0] == method]
+        best, best_cpu = min(r[3] for r in mine), min(r[5] for r in mine)
+        print(
+            f"{method}: target >= 25 frames/s: wall {'met' if 1e3 / best >= 25 else 'NOT met'} "
+            f"({1e3 / best:.1f}); CPU-bound estimate {1e3 * nt / best_cpu:.1f} frames/s "
+            f"({nt} threads with the cores to themselves)"
+        )
     return 0
 
 
