@@ -76,20 +76,16 @@ def main(argv=None) -> int:
             np.median(t) * 1e3,
             np.percentile(t, 90) * 1e3,
             cpu * 1e3,
-        ), det.imgsz
+        )
 
-    rows = []
-    for kind in ("openvino_int8", "openvino", "onnx", "pt"):
-        if kind in files:
-            row, imgsz = measure(kind, args.methods[0])
-            rows.append(row)
+    kinds = [k for k in ("openvino_int8", "openvino", "onnx", "pt") if k in files]
+    rows = [measure(kind, args.methods[0]) for kind in kinds]
     fastest = min(rows, key=lambda r: r[3])[1]
-    for method in args.methods[1:]:
-        rows.append(measure(fastest, method)[0])
+    rows += [measure(fastest, method) for method in args.methods[1:]]
     nt = _runtime.n_threads()
     print(
         f"detection + tracking, {args.frames} frames 1024x1024 (median {n_true:.0f} defects/frame), "
-        f"{nt} threads, imgsz {imgsz}; load average {os.getloadavg()[0]:.1f} on "
+        f"{nt} threads, imgsz {meta.get('imgsz', 'of the model')}; load average {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores (wall times are clean only near load {nt})"
     )
     peer = next((r for r in rows if r[1] == "pt"), None)
