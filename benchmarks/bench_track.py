@@ -4,13 +4,14 @@ Times ``temlib.track.track_frames`` (grey conversion, YOLO detection, tracking) 
 on a synthetic 1024 px video, median over frames after a warm-up, for each model file of the
 in-situ model folder: the exported models (OpenVINO INT8, OpenVINO in the CPU's default
 precision, ONNX) against PyTorch ``best.pt`` (the peer, measured in the same run), and for
-each tracker of ``--methods`` (default: the linker, ``temlib track``'s default, and BoT-SORT,
-the best by IDF1 in notebook 07's report run) with the fastest export.
+each tracker of ``--methods`` (default: BoT-SORT, ``temlib track``'s default, and the linker,
+the fastest) with the fastest export. A frame's time includes its share of the track
+extension run after the last frame (``track_frames``' default ``extend_conf``).
 Threads: ``TEMLIB_THREADS`` (default: all cores).
 On a shared machine wall times depend on the load, so the process CPU time per frame is
 printed too, with the rate it allows when the threads have the cores to themselves.
 
-Usage: python benchmarks/bench_track.py [MODEL_DIR] [--frames N] [--methods linker botsort]
+Usage: python benchmarks/bench_track.py [MODEL_DIR] [--frames N] [--methods botsort linker]
 (default MODEL_DIR: data/models/insitu, trained by notebook 07's default profile).
 """
 
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("model_dir", nargs="?", default=str(detect.default_model_dir("insitu")))
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--methods", nargs="+", default=["linker", "botsort"], choices=track.METHODS)
+    ap.add_argument("--methods", nargs="+", default=["botsort", "linker"], choices=track.METHODS)
     args = ap.parse_args(argv)
     from pathlib import Path
 

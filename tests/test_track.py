@@ -393,8 +393,8 @@ def test_watch_appends_the_rows_batch_tracking_gives(tiny_model, tmp_path):
         frames, out, str(tiny_model), conf=1e-4, nm_per_px=0.4, poll_s=0.05, idle_timeout_s=0.5
     )
     back = pd.read_csv(out)
-    ref = track.track_frames(
-        frames, str(tiny_model), conf=1e-4, nm_per_px=0.4, fill=False, progress=False
+    ref = track.track_frames(  # --watch links live with the linker
+        frames, str(tiny_model), "linker", conf=1e-4, nm_per_px=0.4, fill=False, progress=False
     )
     assert list(back.columns) == track.TRACK_COLUMNS
     assert len(back) == len(got) == len(ref) > 0
@@ -439,7 +439,9 @@ def test_watch_drops_short_tracks_as_batch_tracking_does(tmp_path):
     back = pd.read_csv(out)
     assert sorted(back.groupby("track_id").frame.size()) == [3, 5]  # B (2 frames) dropped
     assert set(back.x1[back.cls == 1]) == set()  # B was the only class-1 defect
-    ref = track.track_frames(frames, _PlantedDetector(), min_length=3, fill=False, progress=False)
+    ref = track.track_frames(
+        frames, _PlantedDetector(), "linker", min_length=3, fill=False, progress=False
+    )
     cols = ["frame", "track_id", "cls"]
     np.testing.assert_array_equal(back[cols].to_numpy(), ref[cols].to_numpy())
     np.testing.assert_array_equal(got[cols].to_numpy(), ref[cols].to_numpy())
@@ -450,3 +452,68 @@ def test_watch_drops_short_tracks_as_batch_tracking_does(tmp_path):
             track.track_frames(frames, _PlantedDetector(), min_length=bad, progress=False)
         with pytest.raises(ValueError, match=f"min_length {bad} must be a positive whole"):
             track.filter_tracks(back, bad)
+
+
+def test_extend_tracks_follows_a_track_through_fainter_detections():
+    # truth: a defect at (40, 40) growing from frame 1 to 11, then gone (frame 12: far away);
+    # the tracker saw it in frames 4-9 only; another track sits at (100, 100) throughout
+    def box(f):
+        r = 3 + f / 2
+        return [40 - r, 40 - r, 40 + r, 40 + r]
+
+    other = [95.0, 95.0, 105.0, 105.0]
+    dets = []
+    for f in range(14):
+        d = [[*other, 0.9, 0]]
+        if 1 <= f <= 11:
+            d.append([*box(f), 0.9 if 4 <= f <= 9 else 0.12, 1])
+        if f == 12:
+            d.append([60.0, 60.0, 70.0, 70.0, 0.5, 1])  # no overlap with the last box
+        if f == 2:
+            d.append([95.5, 95.5, 105.5, 105.5, 0.3, 1])  # duplicate of the other track
+        dets.append(np.array(d, float))
+    rows = [(f, 2, *other, 0.9, 0) for f in range(14)]
+    rows += [(f, 1, *box(f), 0.9, 1) for f in range(4, 10)]
+    tracks = pd.DataFrame(
+        rows, columns=["frame", "track_id", "x1", "y1", "x2", "y2", "conf", "cls"]
+    )
+    out = track.extend_tracks(tracks, dets)
+    one = out[out.track_id == 1].sort_values("frame")
+    assert list(one.frame) == list(range(1, 12))
+    np.testing.assert_allclose(
+        one[["x1", "y1", "x2", "y2"]].to_numpy(), [box(f) for f in range(1, 12)]
+    )
+    np.testing.assert_allclose(one.conf[one.frame.isin([1, 2, 3, 10, 11])], 0.12)
+    assert len(out[out.track_id == 2]) == 14  # the duplicate was not taken by either track
+    assert len(out) == 14 + 11
+    assert track.extend_tracks(tracks.iloc[:0], dets).empty
+
+
+class _FaintStartDetector(detect.Detector):
+    """A defect faint (conf 0.15) in frames 0-2, clear (0.9) in 3-9; one faint false box."""
+
+    def __init__(self):
+        self.metadata, self.calls = {}, 0
+
+    def predict(self, image, conf=None, iou=0.5, tile=None):
+        k, self.calls = self.calls, self.calls + 1
+        b = [[40, 40, 52, 52, 0.15 if k < 3 else 0.9, 0], [100, 100, 110, 110, 0.9, 1]]
+        if k == 5:
+            b.append([10, 100, 18, 108, 0.15, 0])  # never part of a track
+        b = np.array(b, float)
+        return [b[b[:, 4] >= conf]]
+
+
+def test_track_frames_recovers_the_faint_first_frames_of_a_track():
+    frames = np.full((10, 128, 128), 128, np.uint8)
+    full = track.track_frames(frames, _FaintStartDetector(), min_length=3, progress=False)
+    online = track.track_frames(
+        frames, _FaintStartDetector(), min_length=3, extend_conf=None, progress=False
+    )
+    for t in (full, online):
+        assert t.track_id.nunique() == 2 and not (t.x1 == 10).any()
+    first = full[full.x1 == 40].frame.min()
+    assert first == 0 and full[full.x1 == 40].frame.nunique() == 10
+    assert online[online.x1 == 40].frame.min() >= 3
+    with pytest.raises(ValueError, match="extend_conf 1.5 is out of range"):
+        track.track_frames(frames, _FaintStartDetector(), extend_conf=1.5, progress=False)
