@@ -502,13 +502,24 @@ def _check_min_length(min_length) -> None:
         raise ValueError(f"min_length {min_length!r} must be a positive whole number of frames")
 
 
-def filter_tracks(tracks: pd.DataFrame, min_length: int = 1) -> pd.DataFrame:
-    """Tracks seen in at least ``min_length`` frames."""
+def filter_tracks(
+    tracks: pd.DataFrame, min_length: int = 1, n_frames: int | None = None
+) -> pd.DataFrame:
+    """Tracks seen in at least ``min_length`` frames.
+
+    With ``n_frames`` (frames of the video), a track the video ended on is kept too when it
+    was seen in every frame since it began: it had no chance to reach ``min_length``
+    (without this, the density of the last frames drops: their new defects are dropped).
+    """
     _check_min_length(min_length)
     if min_length == 1 or tracks.empty:
         return tracks.reset_index(drop=True)
-    n = tracks.groupby("track_id").frame.transform("size")
-    return tracks[n >= min_length].reset_index(drop=True)
+    g = tracks.groupby("track_id").frame
+    n = g.transform("size")
+    keep = n >= min_length
+    if n_frames is not None:
+        keep |= (g.transform("max") == n_frames - 1) & (n == n_frames - g.transform("min"))
+    return tracks[keep].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -673,7 +684,7 @@ def track_frames(
         if timings is not None:  # the extension's time, spread over this call's frames
             share = (time.perf_counter() - t0) / len(every)
             timings[-len(every) :] = [t + share for t in timings[-len(every) :]]
-    tracks = filter_tracks(tracks, min_length)
+    tracks = filter_tracks(tracks, min_length, n_frames=len(parts))
     if fill:
         tracks = fill_gaps(tracks)
     return _finish_table(tracks, nm_per_px, fps, dose_rate, dose)
@@ -1400,7 +1411,7 @@ def watch_folder(
         return pd.DataFrame(columns=TRACK_COLUMNS)
     tracks = pd.concat(parts, ignore_index=True)
     if min_length > 1:
-        tracks = filter_tracks(tracks, min_length)
+        tracks = filter_tracks(tracks, min_length, n_frames=i)
         _write_csv_atomic(tracks, out_csv)
     return tracks
 

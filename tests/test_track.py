@@ -517,3 +517,14 @@ def test_track_frames_recovers_the_faint_first_frames_of_a_track():
     assert online[online.x1 == 40].frame.min() >= 3
     with pytest.raises(ValueError, match="extend_conf 1.5 is out of range"):
         track.track_frames(frames, _FaintStartDetector(), extend_conf=1.5, progress=False)
+
+
+def test_filter_tracks_keeps_the_tracks_a_video_ended_on():
+    rows = [(f, 1) for f in range(10)]  # long
+    rows += [(8, 2), (9, 2)]  # born two frames before the end, seen since
+    rows += [(7, 3), (9, 3)]  # a gap: not kept
+    rows += [(3, 4), (4, 4)]  # short, ended before the end: not kept
+    t = pd.DataFrame(rows, columns=["frame", "track_id"])
+    assert set(track.filter_tracks(t, 5).track_id) == {1}
+    assert set(track.filter_tracks(t, 5, n_frames=10).track_id) == {1, 2}
+    assert set(track.filter_tracks(t, 5, n_frames=12).track_id) == {1}
