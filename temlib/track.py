@@ -1430,9 +1430,9 @@ def _cli_track(parser):
     )
     parser.add_argument(
         "--method",
-        default="botsort",
+        default=None,
         choices=METHODS,
-        help="tracker (default botsort; --watch always uses the linker)",
+        help="tracker (default botsort; --watch links live with the linker)",
     )
     parser.add_argument(
         "--watch", action="store_true", help="follow the folder as frames arrive, with live counts"
@@ -1478,6 +1478,11 @@ def _cli_track(parser):
             raise ValueError("--dose-rate needs --fps to turn frames into dose")
         if args.min_length < 1:
             raise ValueError(f"--min-length {args.min_length!r} must be at least 1 frame")
+        if args.watch and args.method not in (None, "linker"):
+            raise ValueError(
+                f"--watch links frames live with the linker; --method {args.method} is for a "
+                "finished folder or video (drop --watch or --method)"
+            )
         if args.watch:
             print(f"watching {args.source} (Ctrl-C to stop) ...", flush=True)
 
@@ -1506,7 +1511,7 @@ def _cli_track(parser):
             t = track_frames(
                 args.source,
                 args.model,
-                args.method,
+                args.method or "botsort",
                 args.conf,
                 tile=args.tile,
                 nm_per_px=args.nm_per_px,

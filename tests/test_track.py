@@ -269,6 +269,7 @@ def test_cli_track_watch_follows_new_frames(tiny_model, tmp_path):
         (["--fps", "-1"], "--fps -1.0 must be positive"),
         (["--dose-rate", "0.1"], "--dose-rate needs --fps"),
         (["--min-length", "0"], "--min-length 0 must be at least 1 frame"),
+        (["--watch", "--method", "botsort"], "--watch links frames live with the linker"),
     ],
 )
 def test_cli_track_bad_options(tmp_path, capsys, args, message):
