@@ -1412,6 +1412,62 @@ def load_dataset(folder) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]
     return imgs, labs, meta
 
 
+def recall_by_contrast(
+    predictions: list[np.ndarray],
+    folder,
+    bins=(0.1, 0.2, 0.3, 0.5, np.inf),
+    iou_threshold: float = 0.5,
+):
+    """Share of the simulated cavities of a generated dataset found, by their contrast.
+
+    A cavity's contrast is its peak ``max |dI|`` inside its box, relative to the local
+    background level (column ``contrast`` of ``cavities.csv``; cavities below the
+    generator's ``min_contrast`` or the image's noise are not labelled at all). It says
+    where a detector's limit lies: faint cavities are missed first.
+
+    Parameters
+    ----------
+    predictions
+        ``(K, 4+)`` boxes ``[x1, y1, x2, y2, ...]`` per image, in the order of
+        :func:`load_dataset` (``images.csv``).
+    folder
+        The dataset folder (:func:`generate_dataset`).
+    bins
+        Edges of the contrast bins.
+    iou_threshold
+        A cavity is found when a prediction matches it one-to-one at this IoU.
+
+    Returns
+    -------
+    pd.DataFrame
+        One row per bin: ``contrast`` (the bin), ``cavities``, ``found``, ``recall``.
+    """
+    import pandas as pd
+
+    from .detect import match
+
+    folder = Path(folder)
+    images = pd.read_csv(folder / "images.csv")
+    if len(predictions) != len(images):
+        raise ValueError(
+            f"Got {len(predictions)} prediction arrays for the {len(images)} images of {folder}; "
+            "expected one per image, in the order of images.csv"
+        )
+    table = pd.read_csv(folder / "cavities.csv")
+    parts = []
+    for name, pred in zip(images.image, predictions, strict=True):
+        t = table[(table.image == name) & (table.source == "simulated")]
+        truth = np.c_[np.zeros(len(t)), t[["x1", "y1", "x2", "y2"]].to_numpy(float)]
+        found = np.zeros(len(t), bool)
+        found[match(np.asarray(pred, float), truth, iou_threshold)["matches"][:, 1]] = True
+        parts.append(pd.DataFrame({"contrast": t.contrast.to_numpy(float), "found": found}))
+    df = pd.concat(parts, ignore_index=True)
+    df["bin"] = pd.cut(df.contrast, np.asarray(bins, float), right=False)
+    out = df.groupby("bin", observed=False).found.agg(cavities="size", found="sum")
+    out["recall"] = out.found / out.cavities.where(out.cavities > 0)
+    return out.reset_index().rename(columns={"bin": "contrast"})
+
+
 # --------------------------------------------------------------------------- realism checks
 
 

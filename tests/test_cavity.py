@@ -351,3 +351,24 @@ def test_embedded_background_noise_spans_white_to_correlated():
     quiet = _noise_stats(cv.synthetic_background((256, 256), 4, noise=0.02))[0]
     loud = _noise_stats(cv.synthetic_background((256, 256), 4, noise=0.2))[0]
     assert loud > 4 * quiet
+
+
+def test_recall_by_contrast_counts_what_a_planted_detector_found(tmp_path):
+    # the "detector" returns exactly the cavities of contrast >= 0.3: recall 0 below, 1 above
+    import pandas as pd
+
+    cfg = cv.GeneratorConfig(size=128, count=(6, 10), min_contrast=0.0)
+    out = cv.generate_dataset(4, tmp_path / "gen", cfg, rng=3, progress=False)
+    table = pd.read_csv(out / "cavities.csv")
+    names = pd.read_csv(out / "images.csv").image
+    preds = [
+        table[(table.image == n) & (table.contrast >= 0.3)][["x1", "y1", "x2", "y2"]].to_numpy()
+        for n in names
+    ]
+    got = cv.recall_by_contrast(preds, out, bins=(0.0, 0.3, np.inf))
+    assert got.cavities.sum() == (table.source == "simulated").sum() > 0
+    assert got.cavities.min() > 0, "plant cavities on both sides of 0.3"
+    np.testing.assert_allclose(got.recall, [0.0, 1.0])
+    assert got.found.iloc[1] == got.cavities.iloc[1]
+    with pytest.raises(ValueError, match="Got 3 prediction arrays for the 4 images"):
+        cv.recall_by_contrast(preds[:3], out)
