@@ -11,12 +11,11 @@ Linkers (``method``):
   adds global motion compensation by sparse optical flow) fed with the detections;
 - ``"linker"``: trackpy-style nearest-neighbour linking solved as an assignment
   (Hungarian) on centre distance, with global drift compensation (median displacement of
-  confident pairs) and a ``memory`` of a few frames for missed detections (what
-  ``temlib track --watch`` uses live: its rows never change once written).
+  confident pairs) and a ``memory`` of a few frames for missed detections.
 
-On a finished video, tracks are then followed back to where the defect was still faint
-and on to where it faded, through detections below the tracker's confidence
-(:func:`extend_tracks`).
+On a finished video (and when a watch of a folder ends), tracks are then followed back to
+where the defect was still faint and on to where it faded, through detections below the
+tracker's confidence (:func:`extend_tracks`).
 
 Tracks are a tidy table, one row per defect per frame: ``frame, time_s, dose, track_id,
 x1, y1, x2, y2`` (px, x = column), ``row, col`` (centre, px), ``cls``, ``conf``,
@@ -1307,14 +1306,18 @@ def watch_folder(
     max_frames: int | None = None,
     on_frame=None,
     min_length: int = 1,
+    method: str = "botsort",
+    extend_conf: float | None = EXTEND_CONF,
 ) -> pd.DataFrame:
     """Follow a folder as the camera writes frames; detect, link and report live counts.
 
     A frame is read once its size stopped changing between two polls. Each frame's rows
     are appended to ``out_csv`` as soon as they are linked (a row never changes once
     linked), so the cost per frame stays flat over a long acquisition. When the watch
-    ends (idle timeout, ``max_frames`` or Ctrl-C), tracks seen in fewer than
-    ``min_length`` frames are dropped from the file, as :func:`track_frames` drops them.
+    ends (idle timeout, ``max_frames`` or Ctrl-C), the file is rewritten with what
+    :func:`track_frames` gives for the same frames (without ``fill``): the tracks extended
+    through fainter detections (``extend_conf``), those seen in fewer than ``min_length``
+    frames dropped.
 
     Parameters
     ----------
@@ -1337,12 +1340,20 @@ def watch_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder to watch")
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
     _check_min_length(min_length)
+    if extend_conf is not None and not 0 < extend_conf < 1:
+        raise ValueError(f"extend_conf {extend_conf!r} is out of range; expected 0 < c < 1 or None")
+    extend = extend_conf is not None and extend_conf < conf
     det = model if isinstance(model, detect.Detector) else detect.load_detector(model)
-    linker = Linker(max_distance_px, memory, True)
+    tracker = (
+        Linker(max_distance_px, memory, True) if method == "linker" else _UltralyticsTracker(method)
+    )
     seen: set[str] = set()
     sizes: dict[str, int] = {}
-    parts: list[pd.DataFrame] = []
+    parts: list[pd.DataFrame] = []  # linked rows, as in track_frames
+    every: list[np.ndarray] = []  # each frame's detections down to extend_conf
     seen_in = np.zeros(64, int)  # frames each track id was seen in, by id
     confirmed = 0  # tracks seen in at least min_length frames
     i = 0
@@ -1369,27 +1380,27 @@ def watch_folder(
                     break
                 seen.add(p.name)
                 img = detect.read_image(p)
-                b = det.predict(img, conf=conf, tile=tile)[0]
-                ids = linker.update(i, b)
-                rows = _finish_table(
-                    pd.DataFrame(
-                        {
-                            "frame": i,
-                            "track_id": ids,
-                            "x1": b[:, 0],
-                            "y1": b[:, 1],
-                            "x2": b[:, 2],
-                            "y2": b[:, 3],
-                            "conf": b[:, 4],
-                            "cls": b[:, 5].astype(int),
-                        }
-                    ),
-                    nm_per_px,
-                    fps,
-                    dose_rate,
+                b = det.predict(img, conf=extend_conf if extend else conf, tile=tile)[0]
+                if extend:
+                    every.append(b)
+                    b = b[b[:, 4] >= conf]
+                ids = tracker.update(i, b, img) if method != "linker" else tracker.update(i, b)
+                keep = ids > 0  # 0: not (yet) confirmed by the tracker
+                raw = pd.DataFrame(
+                    {
+                        "frame": i,
+                        "track_id": ids[keep],
+                        "x1": b[keep, 0],
+                        "y1": b[keep, 1],
+                        "x2": b[keep, 2],
+                        "y2": b[keep, 3],
+                        "conf": b[keep, 4],
+                        "cls": b[keep, 5].astype(int),
+                    }
                 )
+                parts.append(raw)
+                rows = _finish_table(raw, nm_per_px, fps, dose_rate)
                 if len(rows):
-                    parts.append(rows)
                     with open(out_csv, "a") as fh:  # one write per frame: whole lines
                         fh.write(
                             rows.to_csv(header=False, index=False, float_format=CSV_FLOAT_FORMAT)
@@ -1397,21 +1408,24 @@ def watch_folder(
                 dens = np.nan
                 if nm_per_px:
                     dens = len(b) / (img.shape[0] * img.shape[1] * nm_per_px**2 * 1e-6)
-                if len(ids):  # the ids of one frame are distinct, all >= 1
-                    if ids.max() >= len(seen_in):
-                        seen_in = np.pad(seen_in, (0, max(ids.max() + 1, 2 * len(seen_in))))
-                    seen_in[ids] += 1
-                    confirmed += int((seen_in[ids] == min_length).sum())
+                tid = ids[keep]
+                if len(tid):  # the ids of one frame are distinct, all >= 1
+                    if tid.max() >= len(seen_in):
+                        seen_in = np.pad(seen_in, (0, max(tid.max() + 1, 2 * len(seen_in))))
+                    seen_in[tid] += 1
+                    confirmed += int((seen_in[tid] == min_length).sum())
                 if on_frame is not None:
                     on_frame(i, len(b), confirmed, dens)
                 i += 1
     except KeyboardInterrupt:
         logger.info("watch interrupted after %d frames", i)
-    if not parts:
+    tracks = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if tracks.empty:
         return pd.DataFrame(columns=TRACK_COLUMNS)
-    tracks = pd.concat(parts, ignore_index=True)
-    if min_length > 1:
-        tracks = filter_tracks(tracks, min_length, n_frames=i)
+    if extend:
+        tracks = extend_tracks(tracks, every)
+    tracks = _finish_table(filter_tracks(tracks, min_length, n_frames=i), nm_per_px, fps, dose_rate)
+    if extend or min_length > 1:
         _write_csv_atomic(tracks, out_csv)
     return tracks
 
@@ -1430,9 +1444,9 @@ def _cli_track(parser):
     )
     parser.add_argument(
         "--method",
-        default=None,
+        default="botsort",
         choices=METHODS,
-        help="tracker (default botsort; --watch links live with the linker)",
+        help="tracker (default botsort)",
     )
     parser.add_argument(
         "--watch", action="store_true", help="follow the folder as frames arrive, with live counts"
@@ -1478,11 +1492,6 @@ def _cli_track(parser):
             raise ValueError("--dose-rate needs --fps to turn frames into dose")
         if args.min_length < 1:
             raise ValueError(f"--min-length {args.min_length!r} must be at least 1 frame")
-        if args.watch and args.method not in (None, "linker"):
-            raise ValueError(
-                f"--watch links frames live with the linker; --method {args.method} is for a "
-                "finished folder or video (drop --watch or --method)"
-            )
         if args.watch:
             print(f"watching {args.source} (Ctrl-C to stop) ...", flush=True)
 
@@ -1506,12 +1515,13 @@ def _cli_track(parser):
                 idle_timeout_s=args.idle_timeout,
                 on_frame=show,
                 min_length=args.min_length,
+                method=args.method,
             )
         else:
             t = track_frames(
                 args.source,
                 args.model,
-                args.method or "botsort",
+                args.method,
                 args.conf,
                 tile=args.tile,
                 nm_per_px=args.nm_per_px,

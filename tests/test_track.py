@@ -269,7 +269,6 @@ def test_cli_track_watch_follows_new_frames(tiny_model, tmp_path):
         (["--fps", "-1"], "--fps -1.0 must be positive"),
         (["--dose-rate", "0.1"], "--dose-rate needs --fps"),
         (["--min-length", "0"], "--min-length 0 must be at least 1 frame"),
-        (["--watch", "--method", "botsort"], "--watch links frames live with the linker"),
     ],
 )
 def test_cli_track_bad_options(tmp_path, capsys, args, message):
@@ -391,10 +390,17 @@ def test_watch_appends_the_rows_batch_tracking_gives(tiny_model, tmp_path):
     frames = _frames_dir(tmp_path / "frames", n=5)
     out = tmp_path / "watch.csv"
     got = track.watch_folder(
-        frames, out, str(tiny_model), conf=1e-4, nm_per_px=0.4, poll_s=0.05, idle_timeout_s=0.5
+        frames,
+        out,
+        str(tiny_model),
+        conf=1e-4,
+        nm_per_px=0.4,
+        poll_s=0.05,
+        idle_timeout_s=0.5,
+        method="linker",
     )
     back = pd.read_csv(out)
-    ref = track.track_frames(  # --watch links live with the linker
+    ref = track.track_frames(
         frames, str(tiny_model), "linker", conf=1e-4, nm_per_px=0.4, fill=False, progress=False
     )
     assert list(back.columns) == track.TRACK_COLUMNS
@@ -422,7 +428,17 @@ class _PlantedDetector(detect.Detector):
         return [np.array(b, float)]
 
 
-def test_watch_drops_short_tracks_as_batch_tracking_does(tmp_path):
+@pytest.mark.parametrize(
+    "method, live",
+    [
+        # live counts: the tracks that reached 3 frames so far (A at frame 2, C at frame 4)
+        ("linker", [0, 0, 1, 1, 2]),
+        # BoT-SORT confirms C one frame after it appears: live it reaches only 2 frames, and
+        # the extension at the end gives it back its first frame
+        ("botsort", [0, 0, 1, 1, 1]),
+    ],
+)
+def test_watch_drops_short_tracks_as_batch_tracking_does(tmp_path, method, live):
     frames = _frames_dir(tmp_path / "frames", n=5)
     out = tmp_path / "watch.csv"
     counts = []
@@ -434,14 +450,14 @@ def test_watch_drops_short_tracks_as_batch_tracking_does(tmp_path):
         idle_timeout_s=0.5,
         min_length=3,
         on_frame=lambda i, n, ntr, dens: counts.append(ntr),
+        method=method,
     )
-    # live counts: the tracks that reached 3 frames so far (A at frame 2, C at frame 4)
-    assert counts == [0, 0, 1, 1, 2]
+    assert counts == live
     back = pd.read_csv(out)
     assert sorted(back.groupby("track_id").frame.size()) == [3, 5]  # B (2 frames) dropped
     assert set(back.x1[back.cls == 1]) == set()  # B was the only class-1 defect
     ref = track.track_frames(
-        frames, _PlantedDetector(), "linker", min_length=3, fill=False, progress=False
+        frames, _PlantedDetector(), method, min_length=3, fill=False, progress=False
     )
     cols = ["frame", "track_id", "cls"]
     np.testing.assert_array_equal(back[cols].to_numpy(), ref[cols].to_numpy())
