@@ -791,7 +791,8 @@ def evaluate(
         first threshold; diameter = mean box side) and ``diameter_bias`` (signed mean),
         the matched ``diameters_pred`` and ``diameters_true`` (px);
         with calibrations, ``swelling_error`` (mean absolute difference of swelling %,
-        spheres of those diameters) and per-image ``swelling_pred``, ``swelling_true``.
+        spheres of those diameters), ``swelling_error_median`` (its median over images: a
+        few dense images weigh less) and per-image ``swelling_pred``, ``swelling_true``.
     """
     if len(preds) != len(truths):
         raise ValueError(
@@ -830,7 +831,9 @@ def evaluate(
                 d = (b[:, 2] - b[:, 0] + b[:, 3] - b[:, 1]) / 2 * px
                 acc.append(_swelling_percent(d, area, t))
         out["swelling_pred"], out["swelling_true"] = np.array(sp), np.array(st)
-        out["swelling_error"] = float(np.mean(np.abs(out["swelling_pred"] - out["swelling_true"])))
+        err = np.abs(out["swelling_pred"] - out["swelling_true"])
+        out["swelling_error"] = float(np.mean(err))
+        out["swelling_error_median"] = float(np.median(err))
     return out
 
 

@@ -322,3 +322,18 @@ def test_ultralytics_device_selection_keeps_temlib_threads(monkeypatch, threads)
         monkeypatch.delenv("TEMLIB_THREADS")
         _runtime.ultralytics()
         torch.set_num_threads(before)
+
+
+def test_evaluate_swelling_error_mean_and_median():
+    # three 100 x 100 px images at 1 nm/px, foil 50 nm; the second misses one of its two
+    # cavities: its swelling error is that cavity's volume share, the others' are 0
+    truth = [np.array([[0, 10, 10, 30, 30]], float)] * 3
+    truth[1] = np.array([[0, 10, 10, 30, 30], [0, 50, 50, 70, 70]], float)
+    preds = [np.c_[t[:, 1:], np.ones(len(t)), np.zeros(len(t))] for t in truth]
+    preds[1] = preds[1][:1]
+    ev = detect.evaluate(preds, truth, [1.0] * 3, [50.0] * 3, [(100, 100)] * 3)
+    v = np.pi * 20.0**3 / 6
+    s1, s2 = 100 * v / (1e4 * 50 - v), 100 * 2 * v / (1e4 * 50 - 2 * v)
+    np.testing.assert_allclose(ev["swelling_true"], [s1, s2, s1])
+    np.testing.assert_allclose(ev["swelling_error"], (s2 - s1) / 3)
+    assert ev["swelling_error_median"] == 0.0
