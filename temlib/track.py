@@ -581,6 +581,82 @@ def _frames_iter(source):
             yield i, f"frame{i:05d}", detect.to_gray8(np.asarray(f))
 
 
+class _FrameTracker:
+    """Detect and link one frame at a time; extend and filter the tracks at the end.
+
+    What :func:`track_frames` and :func:`watch_folder` share. ``step`` returns the frame's
+    linked rows (``frame, track_id, x1, y1, x2, y2, conf, cls``) and the number of
+    detections given to the tracker; ``finish`` the tracks of every frame so far, extended
+    (``extend_conf``) and without the tracks shorter than ``min_length``.
+    """
+
+    def __init__(
+        self,
+        model,
+        method: str,
+        conf: float,
+        iou: float,
+        tile,
+        max_distance_px: float,
+        memory: int,
+        min_length: int,
+        extend_conf: float | None,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
+        _check_min_length(min_length)
+        if extend_conf is not None and not 0 < extend_conf < 1:
+            raise ValueError(
+                f"extend_conf {extend_conf!r} is out of range; expected 0 < c < 1 or None"
+            )
+        self.extend = extend_conf is not None and extend_conf < conf
+        self.det = model if isinstance(model, detect.Detector) else detect.load_detector(model)
+        self.method, self.conf, self.iou, self.tile = method, conf, iou, tile
+        self.extend_conf, self.min_length = extend_conf, min_length
+        self.tracker = (
+            Linker(max_distance_px, memory, True)
+            if method == "linker"
+            else _UltralyticsTracker(method)
+        )
+        self.parts: list[pd.DataFrame] = []
+        self.every: list[np.ndarray] = []  # each frame's detections down to extend_conf
+        self.seconds = 0.0  # detection + linking of the last frame
+
+    def step(self, i: int, img: np.ndarray) -> tuple[pd.DataFrame, int]:
+        t0 = time.perf_counter()
+        c = self.extend_conf if self.extend else self.conf
+        b = self.det.predict(img, conf=c, iou=self.iou, tile=self.tile)[0]
+        if self.extend:
+            self.every.append(b)
+            b = b[b[:, 4] >= self.conf]
+        linker = self.method == "linker"
+        ids = self.tracker.update(i, b) if linker else self.tracker.update(i, b, img)
+        self.seconds = time.perf_counter() - t0
+        keep = ids > 0  # 0: not (yet) confirmed by the tracker
+        rows = pd.DataFrame(
+            {
+                "frame": i,
+                "track_id": ids[keep],
+                "x1": b[keep, 0],
+                "y1": b[keep, 1],
+                "x2": b[keep, 2],
+                "y2": b[keep, 3],
+                "conf": b[keep, 4],
+                "cls": b[keep, 5].astype(int),
+            }
+        )
+        self.parts.append(rows)
+        return rows, len(b)
+
+    def finish(self) -> pd.DataFrame:
+        tracks = pd.concat(self.parts, ignore_index=True) if self.parts else pd.DataFrame()
+        if tracks.empty:
+            return tracks
+        if self.extend:
+            tracks = extend_tracks(tracks, self.every)
+        return filter_tracks(tracks, self.min_length, n_frames=len(self.parts))
+
+
 def track_frames(
     source,
     model="insitu",
@@ -638,52 +714,21 @@ def track_frames(
     """
     from tqdm.auto import tqdm
 
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
-    _check_min_length(min_length)
-    if extend_conf is not None and not 0 < extend_conf < 1:
-        raise ValueError(f"extend_conf {extend_conf!r} is out of range; expected 0 < c < 1 or None")
-    extend = extend_conf is not None and extend_conf < conf
-    det = model if isinstance(model, detect.Detector) else detect.load_detector(model)
-    tracker = (
-        Linker(max_distance_px, memory, True) if method == "linker" else _UltralyticsTracker(method)
+    ft = _FrameTracker(
+        model, method, conf, iou, tile, max_distance_px, memory, min_length, extend_conf
     )
-    parts, every = [], []
     n = len(source) if isinstance(source, list | tuple | np.ndarray) else None
     for i, _name, img in tqdm(_frames_iter(source), total=n, desc="track", disable=not progress):
-        t0 = time.perf_counter()
-        b = det.predict(img, conf=extend_conf if extend else conf, iou=iou, tile=tile)[0]
-        if extend:
-            every.append(b)
-            b = b[b[:, 4] >= conf]
-        ids = tracker.update(i, b, img) if method != "linker" else tracker.update(i, b)
+        ft.step(i, img)
         if timings is not None:
-            timings.append(time.perf_counter() - t0)
-        keep = ids > 0
-        parts.append(
-            pd.DataFrame(
-                {
-                    "frame": i,
-                    "track_id": ids[keep],
-                    "x1": b[keep, 0],
-                    "y1": b[keep, 1],
-                    "x2": b[keep, 2],
-                    "y2": b[keep, 3],
-                    "conf": b[keep, 4],
-                    "cls": b[keep, 5].astype(int),
-                }
-            )
-        )
-    tracks = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+            timings.append(ft.seconds)
+    t0 = time.perf_counter()
+    tracks = ft.finish()
+    if timings is not None and ft.parts:  # the extension's time, spread over the frames
+        share = (time.perf_counter() - t0) / len(ft.parts)
+        timings[-len(ft.parts) :] = [t + share for t in timings[-len(ft.parts) :]]
     if tracks.empty:
         return pd.DataFrame(columns=TRACK_COLUMNS)
-    if extend:
-        t0 = time.perf_counter()
-        tracks = extend_tracks(tracks, every)
-        if timings is not None:  # the extension's time, spread over this call's frames
-            share = (time.perf_counter() - t0) / len(every)
-            timings[-len(every) :] = [t + share for t in timings[-len(every) :]]
-    tracks = filter_tracks(tracks, min_length, n_frames=len(parts))
     if fill:
         tracks = fill_gaps(tracks)
     return _finish_table(tracks, nm_per_px, fps, dose_rate, dose)
@@ -1340,20 +1385,11 @@ def watch_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder to watch")
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
-    _check_min_length(min_length)
-    if extend_conf is not None and not 0 < extend_conf < 1:
-        raise ValueError(f"extend_conf {extend_conf!r} is out of range; expected 0 < c < 1 or None")
-    extend = extend_conf is not None and extend_conf < conf
-    det = model if isinstance(model, detect.Detector) else detect.load_detector(model)
-    tracker = (
-        Linker(max_distance_px, memory, True) if method == "linker" else _UltralyticsTracker(method)
+    ft = _FrameTracker(
+        model, method, conf, 0.5, tile, max_distance_px, memory, min_length, extend_conf
     )
     seen: set[str] = set()
     sizes: dict[str, int] = {}
-    parts: list[pd.DataFrame] = []  # linked rows, as in track_frames
-    every: list[np.ndarray] = []  # each frame's detections down to extend_conf
     seen_in = np.zeros(64, int)  # frames each track id was seen in, by id
     confirmed = 0  # tracks seen in at least min_length frames
     i = 0
@@ -1380,25 +1416,7 @@ def watch_folder(
                     break
                 seen.add(p.name)
                 img = detect.read_image(p)
-                b = det.predict(img, conf=extend_conf if extend else conf, tile=tile)[0]
-                if extend:
-                    every.append(b)
-                    b = b[b[:, 4] >= conf]
-                ids = tracker.update(i, b, img) if method != "linker" else tracker.update(i, b)
-                keep = ids > 0  # 0: not (yet) confirmed by the tracker
-                raw = pd.DataFrame(
-                    {
-                        "frame": i,
-                        "track_id": ids[keep],
-                        "x1": b[keep, 0],
-                        "y1": b[keep, 1],
-                        "x2": b[keep, 2],
-                        "y2": b[keep, 3],
-                        "conf": b[keep, 4],
-                        "cls": b[keep, 5].astype(int),
-                    }
-                )
-                parts.append(raw)
+                raw, n_det = ft.step(i, img)
                 rows = _finish_table(raw, nm_per_px, fps, dose_rate)
                 if len(rows):
                     with open(out_csv, "a") as fh:  # one write per frame: whole lines
@@ -1407,25 +1425,23 @@ def watch_folder(
                         )
                 dens = np.nan
                 if nm_per_px:
-                    dens = len(b) / (img.shape[0] * img.shape[1] * nm_per_px**2 * 1e-6)
-                tid = ids[keep]
+                    dens = n_det / (img.shape[0] * img.shape[1] * nm_per_px**2 * 1e-6)
+                tid = raw.track_id.to_numpy(int)
                 if len(tid):  # the ids of one frame are distinct, all >= 1
                     if tid.max() >= len(seen_in):
                         seen_in = np.pad(seen_in, (0, max(tid.max() + 1, 2 * len(seen_in))))
                     seen_in[tid] += 1
                     confirmed += int((seen_in[tid] == min_length).sum())
                 if on_frame is not None:
-                    on_frame(i, len(b), confirmed, dens)
+                    on_frame(i, n_det, confirmed, dens)
                 i += 1
     except KeyboardInterrupt:
         logger.info("watch interrupted after %d frames", i)
-    tracks = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    tracks = ft.finish()
     if tracks.empty:
         return pd.DataFrame(columns=TRACK_COLUMNS)
-    if extend:
-        tracks = extend_tracks(tracks, every)
-    tracks = _finish_table(filter_tracks(tracks, min_length, n_frames=i), nm_per_px, fps, dose_rate)
-    if extend or min_length > 1:
+    tracks = _finish_table(tracks, nm_per_px, fps, dose_rate)
+    if ft.extend or min_length > 1:
         _write_csv_atomic(tracks, out_csv)
     return tracks
 
