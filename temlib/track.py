@@ -724,7 +724,7 @@ def track_frames(
             timings.append(ft.seconds)
     t0 = time.perf_counter()
     tracks = ft.finish()
-    if timings is not None and ft.parts:  # the extension's time, spread over the frames
+    if timings is not None and ft.parts:  # the end step (extension, filter), spread over frames
         share = (time.perf_counter() - t0) / len(ft.parts)
         timings[-len(ft.parts) :] = [t + share for t in timings[-len(ft.parts) :]]
     if tracks.empty:
