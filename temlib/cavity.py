@@ -1433,7 +1433,8 @@ def recall_by_contrast(
     folder
         The dataset folder (:func:`generate_dataset`).
     bins
-        Edges of the contrast bins.
+        Edges of the contrast bins (lower edge included); cavities outside them are not
+        counted.
     iou_threshold
         A cavity is found when a prediction matches it one-to-one at this IoU.
 

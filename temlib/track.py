@@ -219,8 +219,11 @@ class Linker:
             return np.zeros(2)
         return np.median(cur[j[ok]] - prev[ok], axis=0)
 
-    def update(self, frame: int, boxes: np.ndarray) -> np.ndarray:
-        """Link the detections ``boxes`` (K, >=4) of ``frame``; return their (K,) track ids."""
+    def update(self, frame: int, boxes: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        """Link the detections ``boxes`` (K, >=4) of ``frame``; return their (K,) track ids.
+
+        ``image`` is not used (the trackers of ultralytics take it, for motion compensation).
+        """
         boxes = np.asarray(boxes, float).reshape(-1, boxes.shape[-1] if np.ndim(boxes) == 2 else 6)
         cur = _centres(boxes) if len(boxes) else np.zeros((0, 2))
         size = (
@@ -342,6 +345,15 @@ class _UltralyticsTracker:
         return ids  # 0 = not (yet) confirmed
 
 
+def _make_tracker(method: str, max_distance_px: float, memory: int, drift: bool = True):
+    """The tracker of ``method``: :class:`Linker` or ultralytics' ByteTrack / BoT-SORT."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
+    if method == "linker":
+        return Linker(max_distance_px, memory, drift)
+    return _UltralyticsTracker(method)
+
+
 def link(
     detections: pd.DataFrame,
     method: str = "linker",
@@ -369,8 +381,7 @@ def link(
     pd.DataFrame
         ``detections`` with a ``track_id`` column (rows without a track dropped).
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
+    tracker = _make_tracker(method, max_distance_px, memory, drift)
     _check_min_length(min_length)
     missing = {"frame", "x1", "y1", "x2", "y2"} - set(detections.columns)
     if missing:
@@ -383,11 +394,6 @@ def link(
     if "cls" not in det:
         det["cls"] = 0
     det = det.sort_values("frame", kind="stable").reset_index(drop=True)
-    tracker = (
-        Linker(max_distance_px, memory, drift)
-        if method == "linker"
-        else _UltralyticsTracker(method)
-    )
     ids = np.zeros(len(det), int)
     cols = ["x1", "y1", "x2", "y2", "conf", "cls"]
     for f, idx in det.groupby("frame").indices.items():
@@ -443,9 +449,9 @@ def extend_tracks(
             free[f] &= detect.box_iou(box[None], dets[f][:, :4])[0] < taken_iou
 
     for f, g in tracks.groupby("frame"):
-        if 0 <= f < n:
-            for box in g[cols].to_numpy(float):
-                take(int(f), box)
+        if 0 <= f < n and len(dets[f]):
+            iou = detect.box_iou(g[cols].to_numpy(float), dets[f][:, :4])
+            free[int(f)] &= iou.max(axis=0) < taken_iou
     rows = []
     for tid, g in tracks.sort_values("frame").groupby("track_id"):
         ends = ((-1, g.iloc[0]), (1, g.iloc[-1]))
@@ -602,22 +608,16 @@ class _FrameTracker:
         min_length: int,
         extend_conf: float | None,
     ):
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
         _check_min_length(min_length)
         if extend_conf is not None and not 0 < extend_conf < 1:
             raise ValueError(
                 f"extend_conf {extend_conf!r} is out of range; expected 0 < c < 1 or None"
             )
         self.extend = extend_conf is not None and extend_conf < conf
+        self.tracker = _make_tracker(method, max_distance_px, memory)
         self.det = model if isinstance(model, detect.Detector) else detect.load_detector(model)
-        self.method, self.conf, self.iou, self.tile = method, conf, iou, tile
+        self.conf, self.iou, self.tile = conf, iou, tile
         self.extend_conf, self.min_length = extend_conf, min_length
-        self.tracker = (
-            Linker(max_distance_px, memory, True)
-            if method == "linker"
-            else _UltralyticsTracker(method)
-        )
         self.parts: list[pd.DataFrame] = []
         self.every: list[np.ndarray] = []  # each frame's detections down to extend_conf
         self.seconds = 0.0  # detection + linking of the last frame
@@ -629,8 +629,7 @@ class _FrameTracker:
         if self.extend:
             self.every.append(b)
             b = b[b[:, 4] >= self.conf]
-        linker = self.method == "linker"
-        ids = self.tracker.update(i, b) if linker else self.tracker.update(i, b, img)
+        ids = self.tracker.update(i, b, img)
         self.seconds = time.perf_counter() - t0
         keep = ids > 0  # 0: not (yet) confirmed by the tracker
         rows = pd.DataFrame(
