@@ -330,6 +330,57 @@ def _patch_margin_px(optics: Optics, px_nm: float) -> int:
     return int(np.ceil(spread_nm / px_nm + 4 * optics.psf_px + 6))
 
 
+def noise_sigma(image: np.ndarray, block: int = 4) -> float:
+    """Noise of an image as an object of a few pixels sees it, per pixel (grey levels).
+
+    The smooth background is removed (Gaussian of ``1.5 block`` px), then the spread of
+    ``block x block`` means, times ``block``: for white noise this is the pixel noise; for
+    noise correlated over a pixel or two (a camera's point-spread) it is the white noise of
+    the same power at the scale of the objects, which the pixel-to-pixel spread
+    underestimates. Robust spread (median absolute deviation), so that dislocation lines
+    and dots do not count as noise.
+    """
+    a = np.asarray(image, np.float32)
+    m, n = a.shape[0] // block, a.shape[1] // block
+    if m == 0 or n == 0:
+        raise ValueError(f"Image of shape {a.shape} is smaller than one {block} px block")
+    means = _block_means(a[: m * block, : n * block], block)
+    hp = means - _blur(means, 1.5)  # the background, 1.5 blocks = 1.5 block px wide
+    mad = np.median(np.abs(hp - np.median(hp)))
+    return float(1.4826 * mad * block)
+
+
+def _block_means(a: np.ndarray, block: int) -> np.ndarray:
+    """Means of the ``block x block`` squares of ``a`` (its sides multiples of ``block``)."""
+    try:
+        import cv2
+
+        return cv2.resize(
+            a, (a.shape[1] // block, a.shape[0] // block), interpolation=cv2.INTER_AREA
+        )
+    except ImportError:  # pragma: no cover
+        m, n = a.shape[0] // block, a.shape[1] // block
+        return a.reshape(m, block, n, block).mean(axis=(1, 3))
+
+
+def visibility_snr(signal: np.ndarray, box, sigma: float, fringe_px: int = 3) -> float:
+    """Signal-to-noise ratio of one object in an image: ``sqrt(sum S^2) / sigma``.
+
+    ``signal`` ``(M, N)`` is what the object changes in the image (image with it minus
+    image without it), summed over its box ``[x1, y1, x2, y2]`` widened by ``fringe_px``
+    (the Fresnel fringe lies outside the cavity); ``sigma`` the pixel noise
+    (:func:`noise_sigma`). This is the matched-filter (ideal observer) SNR; for a uniform
+    disc of contrast ``C`` over ``A`` pixels it is Rose's ``C sqrt(A) / sigma``, and Rose's
+    criterion sees the object when it reaches about 5.
+    """
+    M, N = signal.shape
+    x1, y1, x2, y2 = box
+    r0, r1 = max(int(np.floor(y1)) - fringe_px, 0), min(int(np.ceil(y2)) + fringe_px, M)
+    c0, c1 = max(int(np.floor(x1)) - fringe_px, 0), min(int(np.ceil(x2)) + fringe_px, N)
+    sub = signal[r0:r1, c0:c1].astype(np.float64)
+    return float(np.sqrt((sub * sub).sum()) / max(sigma, 1e-6))
+
+
 def cavity_intensity(
     cavities: list[Cavity],
     shape: tuple[int, int],
@@ -719,9 +770,14 @@ class GeneratorConfig:
     Defocus: with ``fringe_px`` set, ``|df| = (f px)^2 / lambda`` for a fringe width ``f``
     drawn from ``fringe_px`` (pixels), as a microscopist picks the defocus for the
     magnification, clipped to ``df_nm`` (|df| bounds); otherwise ``|df|`` is drawn from
-    ``df_nm``. A fraction ``overfocus_fraction`` of images is over-focus. Cavities whose
-    peak contrast ``|dI|`` is below ``max(min_contrast, noise)`` are drawn but not
-    labelled (invisible to a person too).
+    ``df_nm``. A fraction ``overfocus_fraction`` of images is over-focus.
+
+    Visibility (Rose's criterion): a cavity is labelled when its signal-to-noise ratio in
+    the final 8-bit image (:func:`visibility_snr`: what it changes in the image, fringe
+    included and clipping applied, over the image's noise) reaches ``min_snr`` and its
+    peak contrast ``|dI|`` reaches ``min_contrast``; fainter ones are drawn but not
+    labelled (invisible to a person too). ``min_snr = 0`` and ``min_contrast = 0`` label
+    every cavity.
 
     Sizes: cavity diameters are log-normal with median ``d_median_nm`` (itself drawn
     from ``d_median_nm_range`` per image) and log-std ``d_sigma``; values outside
@@ -745,6 +801,7 @@ class GeneratorConfig:
     psf_px: tuple[float, float] = (0.3, 1.0)
     noise: tuple[float, float] = (0.03, 0.22)
     min_contrast: float = 0.03
+    min_snr: float = 5.0
     d_median_nm_range: tuple[float, float] = (8.0, 40.0)
     d_sigma: float = 0.35
     d_range_nm: tuple[float, float] = (2.0, 80.0)
@@ -868,11 +925,16 @@ def _labels(
     masks: np.ndarray,
     dI: np.ndarray | None = None,
     min_contrast: float = 0.0,
+    signal: np.ndarray | None = None,
+    sigma: float | None = None,
+    min_snr: float = 0.0,
 ) -> tuple[np.ndarray, list[dict]]:
     """YOLO label rows ``(K, 5)`` and table rows of the visible cavities.
 
-    A cavity is labelled when at least 30 % of its box lies in the frame and its peak
-    contrast ``max |dI|`` inside its box reaches ``min_contrast``.
+    A cavity is labelled when at least 30 % of its box lies in the frame, its peak
+    contrast ``max |dI|`` inside its box reaches ``min_contrast`` and, given the image
+    ``signal`` of the cavities and the image noise ``sigma``, its :func:`visibility_snr`
+    reaches ``min_snr``.
     """
     M, N = shape
     rows, boxes = [], []
@@ -896,6 +958,13 @@ def _labels(
         )
         if contrast < min_contrast:
             continue
+        snr = (
+            visibility_snr(signal, (x1, y1, x2, y2), sigma)
+            if signal is not None and sigma is not None
+            else float("nan")
+        )
+        if snr < min_snr:  # NaN (no signal given) passes
+            continue
         boxes.append([0, x1, y1, x2, y2])
         d_px = hx + hy  # mean of box width and height
         rows.append(
@@ -914,6 +983,7 @@ def _labels(
                 shape="faceted" if c.faceted else "sphere",
                 edge_cut=bool(vis < 0.999),
                 contrast=contrast,
+                snr=snr,
                 source="simulated",
                 polygon=np.round(np.clip(c.outline_px(px_nm), 0, [N, M]), 2).ravel().tolist(),
             )
@@ -1018,8 +1088,6 @@ def generate_image(
             raise ValueError(f"Background of shape {bg.shape} is not grey; expected (M, N)")
         level, span = None, None
         bg_real = True
-        hp = bg - _blur(bg, 2.0)
-        noise = float(hp.std() / (bg.mean() + 1e-6)) * 1.5
     shape = bg.shape
     n = (
         int(n_cavities)
@@ -1036,11 +1104,24 @@ def generate_image(
     local = local_level(bg, max(4.0, 0.02 * max(shape)))
     img = bg + local * dI
     if bg_real:
-        out = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    else:
-        img = (img - img.mean()) / (img.std() + 1e-6)
-        out = np.clip(np.rint(level + span * 38 * img), 0, 255).astype(np.uint8)
-    boxes, rows = _labels(cavs, shape, px, masks, dI, max(cfg.min_contrast, noise))
+        final, final_bg = np.clip(img, 0, 255), np.clip(bg, 0, 255)
+    else:  # the same grey-level mapping with and without the cavities
+        gain = np.float32(span * 38 / (img.std() + 1e-6))
+        offset = np.float32(level) - gain * np.float32(img.mean())
+        final = np.clip(offset + gain * img, 0, 255)
+        final_bg = np.clip(offset + gain * bg, 0, 255)
+    out = np.rint(final).astype(np.uint8)
+    boxes, rows = _labels(
+        cavs,
+        shape,
+        px,
+        masks,
+        dI,
+        cfg.min_contrast,
+        signal=final - final_bg,
+        sigma=noise_sigma(final_bg),
+        min_snr=cfg.min_snr,
+    )
     for r in rows:
         r["defocus_nm"] = opt.df_nm
     for x1, y1, x2, y2 in real[:, 1:]:
@@ -1061,6 +1142,7 @@ def generate_image(
                 shape="real",
                 edge_cut=bool(x1 <= 0 or y1 <= 0 or x2 >= shape[1] or y2 >= shape[0]),
                 contrast=float("nan"),
+                snr=float("nan"),
                 source="real",
                 defocus_nm=float("nan"),
             )
@@ -1412,18 +1494,20 @@ def load_dataset(folder) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]
     return imgs, labs, meta
 
 
-def recall_by_contrast(
+def recall_by(
     predictions: list[np.ndarray],
     folder,
-    bins=(0.1, 0.2, 0.3, 0.5, np.inf),
+    column: str = "snr",
+    bins=(5, 8, 12, 20, 40, np.inf),
     iou_threshold: float = 0.5,
 ):
-    """Share of the simulated cavities of a generated dataset found, by their contrast.
+    """Share of the simulated cavities of a generated dataset found, by one of their properties.
 
-    A cavity's contrast is its peak ``max |dI|`` inside its box, relative to the local
-    background level (column ``contrast`` of ``cavities.csv``; cavities below the
-    generator's ``min_contrast`` or the image's noise are not labelled at all). It says
-    where a detector's limit lies: faint cavities are missed first.
+    It says where a detector's limit lies. ``column`` is a column of ``cavities.csv``:
+    ``snr`` (default; the cavity's signal-to-noise ratio in its image,
+    :func:`visibility_snr`: the generator labels cavities from ``min_snr``, 5 by default,
+    Rose's criterion for an ideal observer), ``contrast`` (peak ``max |dI|`` inside the
+    box, relative to the local background level) or ``diameter_px``, ``diameter_nm``...
 
     Parameters
     ----------
@@ -1432,16 +1516,17 @@ def recall_by_contrast(
         :func:`load_dataset` (``images.csv``).
     folder
         The dataset folder (:func:`generate_dataset`).
+    column
+        The property binned.
     bins
-        Edges of the contrast bins (lower edge included); cavities outside them are not
-        counted.
+        Edges of the bins (lower edge included); cavities outside them are not counted.
     iou_threshold
         A cavity is found when a prediction matches it one-to-one at this IoU.
 
     Returns
     -------
     pd.DataFrame
-        One row per bin: ``contrast`` (the bin), ``cavities``, ``found``, ``recall``.
+        One row per bin: ``column`` (the bin), ``cavities``, ``found``, ``recall``.
     """
     import pandas as pd
 
@@ -1455,18 +1540,23 @@ def recall_by_contrast(
             "expected one per image, in the order of images.csv"
         )
     table = pd.read_csv(folder / "cavities.csv")
+    if column not in table.columns:
+        raise ValueError(
+            f"{folder / 'cavities.csv'} has no column {column!r}; expected one of "
+            f"{', '.join(table.columns)}"
+        )
     parts = []
     for name, pred in zip(images.image, predictions, strict=True):
         t = table[(table.image == name) & (table.source == "simulated")]
         truth = np.c_[np.zeros(len(t)), t[["x1", "y1", "x2", "y2"]].to_numpy(float)]
         found = np.zeros(len(t), bool)
         found[match(np.asarray(pred, float), truth, iou_threshold)["matches"][:, 1]] = True
-        parts.append(pd.DataFrame({"contrast": t.contrast.to_numpy(float), "found": found}))
+        parts.append(pd.DataFrame({column: t[column].to_numpy(float), "found": found}))
     df = pd.concat(parts, ignore_index=True)
-    df["bin"] = pd.cut(df.contrast, np.asarray(bins, float), right=False)
+    df["bin"] = pd.cut(df[column], np.asarray(bins, float), right=False)
     out = df.groupby("bin", observed=False).found.agg(cavities="size", found="sum")
     out["recall"] = out.found / out.cavities.where(out.cavities > 0)
-    return out.reset_index().rename(columns={"bin": "contrast"})
+    return out.reset_index().rename(columns={"bin": column})
 
 
 # --------------------------------------------------------------------------- realism checks
@@ -1780,6 +1870,7 @@ def panel_png(
         d_median_nm_range=(d_median_nm, d_median_nm),
         faceted_fraction=faceted_fraction,
         min_contrast=0.0,
+        min_snr=0.0,
     )
     opt = Optics(df_nm=df_nm, absorption_nm=absorption_nm)
     res = generate_image(int(seed), cfg, nm_per_px=nm_per_px, optics=opt)

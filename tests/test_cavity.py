@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -69,7 +70,12 @@ def test_polyhedron_geometry():
 
 def test_labels_match_what_was_drawn(rng):
     cfg = cv.GeneratorConfig(
-        size=256, count=(8, 8), edge_fraction=0.0, faceted_fraction=0.5, min_contrast=0.0
+        size=256,
+        count=(8, 8),
+        edge_fraction=0.0,
+        faceted_fraction=0.5,
+        min_contrast=0.0,
+        min_snr=0.0,
     )
     res = cv.generate_image(rng, cfg, nm_per_px=0.5, optics=cv.Optics(df_nm=-800))
     boxes, masks = res["boxes"], res["masks"]
@@ -104,6 +110,7 @@ def test_cavities_fit_in_the_foil():
         d_median_nm_range=(60, 70),
         thickness_nm=(40, 50),
         min_contrast=0,
+        min_snr=0,
         faceted_fraction=0.0,
     )
     for seed in range(3):
@@ -131,7 +138,11 @@ def test_generate_dataset_and_backgrounds(tmp_path, rng):
         bgdir / "a.txt", np.array([[0, 40, 40, 60, 60]]), (160, 160), with_conf=False
     )
     cfg = cv.GeneratorConfig(
-        size=128, d_median_nm_range=(12, 12), nm_per_px=(0.5, 0.5), min_contrast=0.0
+        size=128,
+        d_median_nm_range=(12, 12),
+        nm_per_px=(0.5, 0.5),
+        min_contrast=0.0,
+        min_snr=0.0,
     )
     out = cv.generate_dataset(
         3, tmp_path / "gen", cfg, backgrounds=bgdir, fraction=0.5, rng=7, progress=False
@@ -353,22 +364,67 @@ def test_embedded_background_noise_spans_white_to_correlated():
     assert loud > 4 * quiet
 
 
-def test_recall_by_contrast_counts_what_a_planted_detector_found(tmp_path):
-    # the "detector" returns exactly the cavities of contrast >= 0.3: recall 0 below, 1 above
+def test_recall_by_counts_what_a_planted_detector_found(tmp_path):
+    # the "detector" returns exactly the cavities of SNR >= 30: recall 0 below, 1 above
     import pandas as pd
 
-    cfg = cv.GeneratorConfig(size=128, count=(6, 10), min_contrast=0.0)
+    cfg = cv.GeneratorConfig(size=128, count=(6, 10), min_contrast=0.0, min_snr=0.0)
     out = cv.generate_dataset(4, tmp_path / "gen", cfg, rng=3, progress=False)
     table = pd.read_csv(out / "cavities.csv")
     names = pd.read_csv(out / "images.csv").image
     preds = [
-        table[(table.image == n) & (table.contrast >= 0.3)][["x1", "y1", "x2", "y2"]].to_numpy()
+        table[(table.image == n) & (table.snr >= 30)][["x1", "y1", "x2", "y2"]].to_numpy()
         for n in names
     ]
-    got = cv.recall_by_contrast(preds, out, bins=(0.0, 0.3, np.inf))
+    got = cv.recall_by(preds, out, bins=(0.0, 30, np.inf))
     assert got.cavities.sum() == (table.source == "simulated").sum() > 0
-    assert got.cavities.min() > 0, "plant cavities on both sides of 0.3"
+    assert got.cavities.min() > 0, "plant cavities on both sides of SNR 30"
     np.testing.assert_allclose(got.recall, [0.0, 1.0])
     assert got.found.iloc[1] == got.cavities.iloc[1]
+    by_contrast = cv.recall_by(preds, out, column="contrast", bins=(0.0, np.inf))
+    assert by_contrast.found.sum() == got.found.sum()
     with pytest.raises(ValueError, match="Got 3 prediction arrays for the 4 images"):
-        cv.recall_by_contrast(preds[:3], out)
+        cv.recall_by(preds[:3], out)
+    with pytest.raises(ValueError, match="has no column 'brightness'"):
+        cv.recall_by(preds, out, column="brightness")
+
+
+def test_noise_sigma_sees_white_and_correlated_noise():
+    # a planted sigma of 5 grey levels on a smooth ramp: found for white noise, and mostly
+    # for the same noise blurred as the generator's most correlated camera (0.75 px), where
+    # the pixel-to-pixel spread falls below 40 %
+    from scipy.ndimage import gaussian_filter
+
+    g = np.random.default_rng(1)
+    ramp = np.linspace(80, 160, 512, dtype=np.float32)[None, :] * np.ones((512, 1), np.float32)
+    white = g.normal(0, 5, (512, 512)).astype(np.float32)
+    assert cv.noise_sigma(ramp + white) == pytest.approx(5, rel=0.1)
+    blurred = gaussian_filter(white, 0.75)
+    assert blurred.std() < 0.4 * 5
+    assert cv.noise_sigma(ramp + blurred) == pytest.approx(5, rel=0.3)
+    with pytest.raises(ValueError, match="smaller than one 4 px block"):
+        cv.noise_sigma(np.zeros((2, 9)))
+
+
+def test_visibility_snr_is_rose_for_a_uniform_disc():
+    yy, xx = np.mgrid[0:64, 0:64]
+    disc = (yy - 32) ** 2 + (xx - 32) ** 2 <= 8**2
+    signal = np.where(disc, 3.0, 0.0)
+    box = (24, 24, 41, 41)
+    assert cv.visibility_snr(signal, box, sigma=2.0) == pytest.approx(1.5 * np.sqrt(disc.sum()))
+
+
+def test_faint_cavities_are_drawn_but_not_labelled():
+    # one cavity: its SNR is in the table; above the image's SNR it is not labelled
+    cfg = cv.GeneratorConfig(
+        size=128, count=(1, 1), edge_fraction=0.0, min_contrast=0.0, min_snr=0.0
+    )
+    optics = cv.Optics(df_nm=-800)
+    seen = cv.generate_image(5, cfg, nm_per_px=0.5, optics=optics)
+    (row,) = seen["cavities"]
+    assert 5 < row["snr"] < np.inf
+    hidden = cv.generate_image(
+        5, dataclasses.replace(cfg, min_snr=row["snr"] * 1.01), nm_per_px=0.5, optics=optics
+    )
+    assert len(hidden["boxes"]) == 0 and hidden["masks"].max() == 1
+    assert np.array_equal(hidden["image"], seen["image"])
