@@ -32,7 +32,9 @@ images (real cavities in them stay, labelled ``real`` where the user gave YOLO l
 Labels of every image: YOLO txt (box of the cavity itself, not its fringe), instance
 masks (16-bit PNG), COCO json, a per-cavity table (``cavities.csv``) and a per-image table
 (``images.csv``: nm/px, defocus, foil thickness, true swelling). See
-:func:`generate_dataset` and ``temlib cavity generate``.
+:func:`generate_dataset` and ``temlib cavity generate``. Only the cavities a person could
+see are labelled: Rose's criterion on their signal-to-noise ratio in the final image
+(:func:`visibility_snr`, ``GeneratorConfig.min_snr``); the others are drawn all the same.
 
 Coordinates: ``(row, col)`` arrays; continuous positions have pixel ``(r, c)`` covering
 ``[r, r + 1) x [c, c + 1)``; boxes are ``[x1, y1, x2, y2]`` with ``x`` = column.
