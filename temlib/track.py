@@ -329,15 +329,20 @@ class _UltralyticsTracker:
         cfg.update(overrides)
         args = IterableSimpleNamespace(**cfg)
         self.tracker = (BOTSORT if method == "botsort" else BYTETracker)(args)
+        if method == "botsort":
+            # motion compensation on frames shrunk 4x (ultralytics: 2x): 2-3 ms less per
+            # 1024 px frame; six synthetic videos of notebook 07: mean MOTA / IDF1 0.883 / 0.932
+            # at 2x, 0.882 / 0.932 at 4x (four of six identical)
+            self.tracker.gmc.downscale = 4
         self.method = method
 
     def update(self, frame: int, boxes: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
         dets = _Dets(boxes)
         img = None
         if image is not None and self.method == "botsort":
-            img = (
-                np.repeat(np.asarray(image)[..., None], 3, axis=2) if np.ndim(image) == 2 else image
-            )
+            img = np.asarray(image)
+            if img.ndim == 2:  # one channel: motion compensation takes it as its grey frame
+                img = img[..., None]
         out = self.tracker.update(dets, img)
         ids = np.zeros(len(dets), int)
         if len(out):
