@@ -347,7 +347,7 @@ def noise_sigma(image: np.ndarray, block: int = 4) -> float:
     if m == 0 or n == 0:
         raise ValueError(f"Image of shape {a.shape} is smaller than one {block} px block")
     means = _block_means(a[: m * block, : n * block], block)
-    hp = means - _blur(means, 1.5)  # the background, 1.5 blocks = 1.5 block px wide
+    hp = means - _blur(means, 1.5)  # background: a Gaussian of 1.5 blocks (1.5 block px)
     mad = np.median(np.abs(hp - np.median(hp)))
     return float(1.4826 * mad * block)
 
@@ -1072,7 +1072,7 @@ def generate_image(
     -------
     dict
         ``image`` ``(M, N)`` uint8, ``boxes`` ``(K, 5)`` labels, ``masks`` ``(M, N)``
-        uint16 instance labels (simulated cavities; 0 elsewhere), ``cavities`` (list of
+        uint16 instance labels (labelled simulated cavities; 0 elsewhere), ``cavities`` (list of
         table rows), ``meta`` (nm/px, defocus, thickness, optics, swelling).
     """
     rng = np.random.default_rng(rng)
@@ -1124,6 +1124,10 @@ def generate_image(
         sigma=noise_sigma(final_bg),
         min_snr=cfg.min_snr,
     )
+    # masks hold the labelled cavities only (value = instance of their row)
+    kept = np.zeros(len(cavs) + 1, bool)
+    kept[[r["instance"] for r in rows]] = True
+    masks[~kept[masks]] = 0
     for r in rows:
         r["defocus_nm"] = opt.df_nm
     for x1, y1, x2, y2 in real[:, 1:]:
@@ -1303,7 +1307,7 @@ def generate_dataset(
     """Generate ``n`` labelled images into ``out_dir`` (replaced atomically) and return it.
 
     Layout: ``images/*.png`` (8-bit grey), ``labels/*.txt`` (YOLO, class 0 = cavity),
-    ``masks/*.png`` (16-bit instance labels of the simulated cavities; value = ``instance``
+    ``masks/*.png`` (16-bit instance labels of the labelled simulated cavities; value = ``instance``
     of ``cavities.csv``), ``coco.json`` (boxes; polygons of the projected outlines),
     ``cavities.csv`` (one row per cavity: image, centre, box, diameter px/nm, equivalent
     diameter, volume, shape, defocus, simulated or real), ``images.csv`` (nm/px, defocus,
