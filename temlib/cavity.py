@@ -1125,9 +1125,11 @@ def generate_image(
         min_snr=cfg.min_snr,
     )
     # masks hold the labelled cavities only (value = instance of their row)
-    kept = np.zeros(len(cavs) + 1, bool)
-    kept[[r["instance"] for r in rows]] = True
-    masks[~kept[masks]] = 0
+    if len(rows) < len(cavs):
+        keep = np.zeros(len(cavs) + 1, np.uint16)
+        labelled = [r["instance"] for r in rows]
+        keep[labelled] = labelled
+        masks = keep[masks]
     for r in rows:
         r["defocus_nm"] = opt.df_nm
     for x1, y1, x2, y2 in real[:, 1:]:
