@@ -49,12 +49,11 @@ def main(argv=None) -> int:
         rng=0,
     )
     n_true = video.truth.groupby("frame").size().median()
-    meta = detect.load_detector(folder).metadata
+    imgsz = {}
 
     def measure(kind: str, method: str):
-        det = detect.load_detector(files[kind])
-        det.metadata = meta
-        det.imgsz = int(meta.get("imgsz", det.imgsz))
+        det = detect.load_detector(files[kind])  # with the folder's metadata (input size...)
+        imgsz[kind] = det.imgsz
         timings: list[float] = []
         track.track_frames(
             video.frames[: args.warmup], det, method=method, conf=0.25, progress=False
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
     nt = _runtime.n_threads()
     print(
         f"detection + tracking, {args.frames} frames 1024x1024 (median {n_true:.0f} defects/frame), "
-        f"{nt} threads, imgsz {meta.get('imgsz', 'of the model')}; load average {os.getloadavg()[0]:.1f} on "
+        f"{nt} threads, imgsz {imgsz[rows[0][1]]}; load average {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores (wall times are clean only near load {nt})"
     )
     peer = next((r for r in rows if r[1] == "pt"), None)
