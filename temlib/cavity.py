@@ -1835,6 +1835,181 @@ def real_cavity_images(
     return out
 
 
+# --------------------------------------------------------------------------- detector
+
+
+def train_detector(
+    out_dir: str | Path,
+    data_dir: str | Path,
+    n_images: int = 600,
+    size: int = 256,
+    count: tuple[int, int] = (4, 16),
+    real_background_share: float = 0.3,
+    imgsz: int = 256,
+    epochs: int = 15,
+    train_minutes: float = 0.0,
+    batch: int = 8,
+    model_cfg: str = "yolo11n.yaml",
+    export_format: str | None = "openvino",
+    seed: int = 0,
+    config: GeneratorConfig | None = None,
+    **train_kwargs,
+) -> Path:
+    """Generate cavity images, train a YOLO cavity detector from scratch on them, export it.
+
+    ``n_images`` images of ``size`` px are generated into ``data_dir`` (``train/``, and
+    ``train_real_bg/`` for the share on real cavity-free in-situ frames of
+    ``../shared/data``, :func:`shared_backgrounds`; all on the embedded synthetic
+    background when that folder is absent), written as a YOLO dataset (``yolo/``, 15 %
+    validation) and trained with :func:`temlib.detect.train` into ``out_dir``. Cavities
+    keep their pixel size: larger frames are detected with tiles of ``imgsz``, so the
+    model's metadata stores the tiling defaults (tiles sharing half their size, plus a
+    whole-frame pass for cavities larger than that).
+
+    Parameters
+    ----------
+    out_dir
+        Model folder (``best.pt``, ``metadata.json``, ``run/``, export), e.g.
+        ``data/models/cavity``.
+    data_dir
+        Folder of the generated training data (replaced).
+    n_images, size, count
+        Generated training images, their size (px) and simulated cavities per image
+        (``[min, max]``); ``config`` (a :class:`GeneratorConfig`) sets every other
+        generator parameter, its ``size`` and ``count`` replaced by these.
+    real_background_share
+        Share of the images on real in-situ frames, ``0 <= share <= 1``.
+    imgsz, epochs, batch, model_cfg
+        Passed to :func:`temlib.detect.train`.
+    train_minutes
+        Wall-time budget of the training (ultralytics ``time``; the cosine learning-rate
+        schedule is fitted to it); 0: run ``epochs``.
+    export_format
+        ``"openvino"``, ``"onnx"`` or None (no export).
+    seed
+        Seed of the generated images, the validation split and the training.
+    train_kwargs
+        Other ultralytics train arguments; they override the CPU defaults used here (one
+        optimizer step per batch, no warm-up, validation once at the end, images in RAM).
+
+    Returns
+    -------
+    Path
+        ``<out_dir>/best.pt``.
+    """
+    from . import detect
+
+    if n_images < 2:
+        raise ValueError(f"n_images {n_images!r} is too few; expected at least 2 training images")
+    if not 0 <= real_background_share <= 1:
+        raise ValueError(
+            f"real_background_share {real_background_share!r} is out of range; expected 0 <= share <= 1"
+        )
+    if train_minutes < 0:
+        raise ValueError(
+            f"train_minutes {train_minutes!r} is negative; expected >= 0 (0: run all epochs)"
+        )
+    cfg = dataclasses.replace(config or GeneratorConfig(), size=int(size), count=tuple(count))
+    data_dir = Path(data_dir)
+    n_real = int(round(real_background_share * n_images))
+    backgrounds = shared_backgrounds(rng=seed) if n_real else []
+    if not backgrounds:
+        n_real = 0
+    parts = [
+        generate_dataset(
+            n_images - n_real, data_dir / "train", cfg, rng=seed, workers=2, progress=False
+        )
+    ]
+    if n_real:
+        parts.append(
+            generate_dataset(
+                n_real,
+                data_dir / "train_real_bg",
+                cfg,
+                backgrounds=backgrounds,
+                rng=seed + 1,
+                workers=2,
+                progress=False,
+            )
+        )
+    images, labels, _ = load_dataset(parts)
+    yaml_path = detect.write_yolo_dataset(
+        images, labels, data_dir / "yolo", val_fraction=0.15, rng=seed
+    )
+    kw = dict(
+        time=train_minutes / 60 or None,  # hours
+        cos_lr=True,
+        val=False,  # validate once at the end: every CPU second goes to training
+        cache="ram",
+        nbs=batch,  # one optimizer step per batch (no accumulation to 64): more steps per CPU second
+        warmup_epochs=0,  # ultralytics warms up >= 100 steps, most of a short CPU budget
+    )
+    kw.update(train_kwargs)
+    lo, hi = cfg.nm_per_px
+    weights = detect.train(
+        yaml_path,
+        out_dir,
+        imgsz=imgsz,
+        epochs=epochs,
+        batch=batch,
+        model_cfg=model_cfg,
+        seed=seed,
+        metadata={"tile_overlap": 0.5, "tile_whole_frame": True},
+        description=f"{len(images)} temlib.cavity images of {size} px ({n_real} on real in-situ "
+        f"frames), {lo:g}-{hi:g} nm/px, {sum(map(len, labels))} labelled cavities",
+        **kw,
+    )
+    if export_format:
+        detect.export(weights, fmt=export_format, imgsz=imgsz)
+    return weights
+
+
+def fit_confidence(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    n_images: int = 60,
+    size: int = 512,
+    count: tuple[int, int] = (10, 50),
+    real_negatives: int = 12,
+    seed: int = 2000,
+    config: GeneratorConfig | None = None,
+):
+    """Fit the confidence threshold of the cavity detector in ``model_dir`` and store it there.
+
+    ``n_images`` validation images (``size`` px, ``count`` cavities, seed ``seed``: never
+    the test images; ``config`` sets the other generator parameters) are generated into
+    ``<data_dir>/val``; up to ``real_negatives`` real cavity-free FeCrAl images
+    (:func:`real_negative_images`, none without ``../shared/data``) join them with no
+    labels, so every box drawn on them is false and the threshold also answers for real
+    foil textures. The detector of ``model_dir`` (its
+    export when present) detects them with tiles; the threshold of best F1 at IoU 0.5
+    (:func:`temlib.detect.choose_confidence`) is written to the folder's ``metadata.json``,
+    which :func:`temlib.detect.load_detector` and ``temlib detect`` read.
+
+    Returns
+    -------
+    conf
+        The threshold.
+    table
+        pandas DataFrame per threshold: precision, recall, F1, false boxes per real
+        cavity-free image (NaN without them).
+    """
+    from . import detect
+
+    detector = detect.load_detector(model_dir)
+    cfg = dataclasses.replace(config or GeneratorConfig(), size=int(size), count=tuple(count))
+    val_dir = generate_dataset(
+        n_images, Path(data_dir) / "val", cfg, rng=seed, workers=2, progress=False
+    )
+    images, labels, _ = load_dataset(val_dir)
+    negatives = [img for _, img in real_negative_images(real_negatives)]
+    conf, table = detect.choose_confidence(
+        detector, images + negatives, labels + [np.zeros((0, 5))] * len(negatives), tile="auto"
+    )
+    detect.update_metadata(model_dir, conf=conf)
+    return conf, table
+
+
 def plot_boxes(ax, boxes, color: str = "yellow", lw: float = 0.8, label: str | None = None) -> None:
     """Draw boxes (any :mod:`temlib.detect` format) as rectangles on a matplotlib axis."""
     from matplotlib.patches import Rectangle

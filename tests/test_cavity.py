@@ -222,18 +222,20 @@ def tiny_detector(tmp_path_factory):
         edge_fraction=0.0,
         max_overlap=0.0,
     )
-    cv.generate_dataset(64, root / "gen", cfg, rng=1, progress=False)
-    imgs, labs, _ = cv.load_dataset(root / "gen")
-    y = detect.write_yolo_dataset(imgs, labs, root / "ds", val_fraction=0.2, rng=0)
-    w = detect.train(
-        y,
+    w = cv.train_detector(
         root / "model",
+        root / "data",
+        n_images=64,
+        size=128,
+        count=(2, 3),
+        real_background_share=0.0,
         imgsz=128,
         epochs=12,
         batch=4,
-        nbs=4,  # one optimizer step per batch (no accumulation to 64)
+        export_format=None,
+        seed=1,
+        config=cfg,
         warmup_epochs=1,  # >= 100 warm-up steps: the high bias LR finds the objectness fast
-        val=False,
         mosaic=0.0,
         workers=0,
     )
@@ -248,6 +250,45 @@ def test_detector_finds_large_cavities(tiny_detector, tmp_path):
     ev = detect.evaluate(preds, [t["boxes"] for t in test], iou_thresholds=(0.3,))
     # about 160 optimizer steps from scratch: most large cavities found, few false alarms
     assert ev["recall@0.3"] >= 0.5 and ev["precision@0.3"] >= 0.5, ev
+
+
+def test_fit_confidence_stores_the_threshold_of_best_f1(tiny_detector, tmp_path):
+    w, cfg, root = tiny_detector
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("best.pt", "metadata.json"):
+        (folder / name).write_bytes((w.parent / name).read_bytes())
+    conf, table = cv.fit_confidence(
+        folder,
+        tmp_path / "data",
+        n_images=6,
+        size=128,
+        count=(2, 3),
+        real_negatives=0,
+        seed=7,
+        config=cfg,
+    )
+    f1 = table.set_index("conf")["f1"]
+    assert f1.max() >= 0.5, table  # new images of the training kind: the cavities are found
+    assert f1[conf] >= f1.max() - 0.01 and conf == min(
+        c for c in f1.index if f1[c] >= f1.max() - 0.01
+    )
+    assert detect.load_detector(folder).default_conf == conf  # stored with the model
+    assert len(cv.load_dataset(tmp_path / "data" / "val")[0]) == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_images": 1}, "too few"),
+        ({"real_background_share": 1.5}, "out of range"),
+        ({"train_minutes": -1}, "negative"),
+    ],
+)
+def test_train_detector_bad_input(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cv.train_detector(tmp_path / "model", tmp_path / "data", **kwargs)
+    assert not (tmp_path / "data").exists()  # nothing generated
 
 
 def test_int8_export_keeps_the_detections(tiny_detector, tmp_path):
