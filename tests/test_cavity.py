@@ -405,6 +405,17 @@ def test_embedded_background_noise_spans_white_to_correlated():
     assert loud > 4 * quiet
 
 
+@pytest.mark.parametrize("strategy, dtype", [("huffman", np.uint8), ("rle", np.uint16)])
+def test_fast_png_is_lossless(tmp_path, rng, strategy, dtype):
+    a = rng.integers(0, 256 if dtype == np.uint8 else 65536, (97, 130)).astype(dtype)
+    a[40:60] = 0  # a run of zeros, as in a mask
+    cv._write_png(tmp_path / "a.png", a, strategy)
+    from PIL import Image
+
+    back = np.asarray(Image.open(tmp_path / "a.png"))
+    assert back.dtype == dtype and np.array_equal(back, a)
+
+
 def test_recall_by_counts_what_a_planted_detector_found(tmp_path):
     # the "detector" returns exactly the cavities of SNR >= 30: recall 0 below, 1 above
     import pandas as pd
