@@ -1893,7 +1893,8 @@ def train_detector(
         Model folder (``best.pt``, ``metadata.json``, ``run/``, export), e.g.
         ``data/models/cavity``.
     data_dir
-        Folder of the generated training data (replaced).
+        Folder of the generated training data (its ``train/``, ``train_real_bg/`` and
+        ``yolo/`` are replaced).
     n_images, size, count
         Generated training images, their size (px) and simulated cavities per image
         (``[min, max]``); ``config`` (a :class:`GeneratorConfig`) sets every other
@@ -1936,11 +1937,13 @@ def train_detector(
     backgrounds = shared_backgrounds(rng=seed) if n_real else []
     if not backgrounds:
         n_real = 0
-    parts = [
-        generate_dataset(
-            n_images - n_real, data_dir / "train", cfg, rng=seed, workers=2, progress=False
+    parts = []
+    if n_images > n_real:
+        parts.append(
+            generate_dataset(
+                n_images - n_real, data_dir / "train", cfg, rng=seed, workers=2, progress=False
+            )
         )
-    ]
     if n_real:
         parts.append(
             generate_dataset(
