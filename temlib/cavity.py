@@ -2005,10 +2005,10 @@ def fit_confidence(
     ``<data_dir>/val``; up to ``real_negatives`` real cavity-free FeCrAl images
     (:func:`real_negative_images`, none without ``../shared/data``) join them with no
     labels, so every box drawn on them is false and the threshold also answers for real
-    foil textures. The detector of ``model_dir`` (its
-    export when present) detects them with tiles; the threshold of best F1 at IoU 0.5
-    (:func:`temlib.detect.choose_confidence`) is written to the folder's ``metadata.json``,
-    which :func:`temlib.detect.load_detector` and ``temlib detect`` read.
+    foil textures. The detector of ``model_dir`` (its export when present) detects them
+    with tiles; the threshold of best F1 at IoU 0.5 (:func:`temlib.detect.choose_confidence`)
+    is written to the folder's ``metadata.json``, which :func:`temlib.detect.load_detector`
+    and ``temlib detect`` read.
 
     Returns
     -------
