@@ -1016,6 +1016,11 @@ def _labels(
 def swelling_percent(diameters_nm, area_nm2: float, thickness_nm: float, volumes_nm3=None) -> float:
     """Void swelling in % from cavity diameters: ``100 V / (A t - V)``, ``V = sum(pi d^3 / 6)``.
 
+    A cavity holds no more than the foil column under it: a "sphere" wider than 1.5 ``t``
+    (a false or merged detection: real cavities fit in the foil) counts as that column,
+    ``pi d^2 t / 4``, not as ``pi d^3 / 6``, which would exceed the foil's volume and turn
+    the swelling negative. ``inf`` when the cavities' volume reaches the foil's, ``A t``.
+
     Parameters
     ----------
     diameters_nm
@@ -1032,10 +1037,12 @@ def swelling_percent(diameters_nm, area_nm2: float, thickness_nm: float, volumes
             f"Area {area_nm2!r} nm^2 and thickness {thickness_nm!r} nm must be positive"
         )
     if volumes_nm3 is None:
-        v = float(np.sum(np.pi * np.asarray(diameters_nm, float) ** 3 / 6))
+        d = np.asarray(diameters_nm, float)
+        v = float(np.sum(np.pi / 6 * d**2 * np.minimum(d, 1.5 * thickness_nm)))
     else:
         v = float(np.sum(volumes_nm3))
-    return 100.0 * v / (area_nm2 * thickness_nm - v)
+    foil = area_nm2 * thickness_nm
+    return 100.0 * v / (foil - v) if v < foil else float("inf")
 
 
 def _u(rng, lohi):

@@ -47,6 +47,7 @@ from .boxio import (  # noqa: F401  re-exported: part of this module's API
     to_gray8,
     write_yolo_txt,
 )
+from .cavity import swelling_percent
 
 log = logging.getLogger(__name__)
 
@@ -829,7 +830,7 @@ def evaluate(
             for boxes, acc in ((p, sp), (g, st)):
                 b = _xyxy(boxes)
                 d = (b[:, 2] - b[:, 0] + b[:, 3] - b[:, 1]) / 2 * px
-                acc.append(_swelling_percent(d, area, t))
+                acc.append(swelling_percent(d, area, t))
         out["swelling_pred"], out["swelling_true"] = np.array(sp), np.array(st)
         err = np.abs(out["swelling_pred"] - out["swelling_true"])
         out["swelling_error"] = float(np.mean(err))
@@ -908,12 +909,6 @@ def update_metadata(model_dir: str | Path, **entries) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-def _swelling_percent(diameters_nm: np.ndarray, area_nm2: float, thickness_nm: float) -> float:
-    """Swelling % = 100 V_cav / (A t - V_cav) with V_cav = sum(pi d^3 / 6)."""
-    v = float(np.sum(np.pi * np.asarray(diameters_nm, float) ** 3 / 6))
-    return 100.0 * v / (area_nm2 * thickness_nm - v)
-
-
 def detect_folder(
     images_dir: str | Path,
     out_dir: str | Path,
@@ -989,7 +984,7 @@ def detect_folder(
         if thickness_nm is not None:
             area = img.shape[0] * img.shape[1] * nm_per_px**2
             irow["swelling_percent"] = round(
-                _swelling_percent(d_px * nm_per_px, area, thickness_nm), 5
+                swelling_percent(d_px * nm_per_px, area, thickness_nm), 5
             )
         img_rows.append(irow)
     det_cols = [

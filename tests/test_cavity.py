@@ -125,6 +125,16 @@ def test_swelling_formula():
     )
     with pytest.raises(ValueError, match="must be positive"):
         cv.swelling_percent([1.0], 0.0, 10.0)
+    # a box far wider than the foil is thick (a false detection) holds at most the foil column
+    # under it, not a sphere larger than the foil: finite and positive
+    col = np.pi / 4 * 300.0**2 * 50.0
+    assert cv.swelling_percent([300.0], 1000.0 * 1000.0, 50.0) == pytest.approx(
+        100 * col / (5e7 - col)
+    )
+    assert cv.swelling_percent([75.0], 1e6, 50.0) == pytest.approx(  # continuous at 1.5 t
+        100 * (np.pi / 6 * 75.0**3) / (5e7 - np.pi / 6 * 75.0**3)
+    )
+    assert cv.swelling_percent([1000.0, 1000.0], 1000.0 * 1000.0, 50.0) == np.inf  # all void
 
 
 def test_generate_dataset_and_backgrounds(tmp_path, rng):
