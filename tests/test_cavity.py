@@ -252,6 +252,14 @@ def tiny_detector(tmp_path_factory):
     return w, cfg, root
 
 
+def _copy_model(weights, folder):
+    """A copy of the tiny detector's folder (weights and metadata) that a test may change."""
+    folder.mkdir()
+    for name in ("best.pt", "metadata.json"):
+        (folder / name).write_bytes((weights.parent / name).read_bytes())
+    return folder
+
+
 def test_detector_finds_large_cavities(tiny_detector, tmp_path):
     w, cfg, root = tiny_detector
     test = [cv.generate_image(100 + i, cfg) for i in range(6)]
@@ -264,10 +272,7 @@ def test_detector_finds_large_cavities(tiny_detector, tmp_path):
 
 def test_fit_confidence_stores_the_threshold_of_best_f1(tiny_detector, tmp_path):
     w, cfg, root = tiny_detector
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for name in ("best.pt", "metadata.json"):
-        (folder / name).write_bytes((w.parent / name).read_bytes())
+    folder = _copy_model(w, tmp_path / "model")
     conf, table = cv.fit_confidence(
         folder,
         tmp_path / "data",
@@ -304,10 +309,7 @@ def test_train_detector_bad_input(tmp_path, kwargs, message):
 def test_int8_export_keeps_the_detections(tiny_detector, tmp_path):
     pytest.importorskip("nncf")
     w, cfg, root = tiny_detector
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for name in ("best.pt", "metadata.json"):
-        (folder / name).write_bytes((w.parent / name).read_bytes())
+    folder = _copy_model(w, tmp_path / "model")
     with pytest.raises(ValueError, match="at least one frame"):
         detect.export(folder / "best.pt", "openvino", imgsz=128, calibration=[])
     with pytest.raises(ValueError, match="needs fmt 'openvino'"):
