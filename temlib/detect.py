@@ -792,7 +792,7 @@ def evaluate(
         first threshold; diameter = mean box side) and ``diameter_bias`` (signed mean),
         the matched ``diameters_pred`` and ``diameters_true`` (px);
         with calibrations, ``swelling_error`` (mean absolute difference of swelling %,
-        spheres of those diameters), ``swelling_error_median`` (its median over images: a
+        spheres of those diameters, :func:`temlib.cavity.swelling_percent`), ``swelling_error_median`` (its median over images: a
         few dense images weigh less) and per-image ``swelling_pred``, ``swelling_true``.
     """
     if len(preds) != len(truths):
@@ -927,7 +927,8 @@ def detect_folder(
     and diameter in px, and in nm when ``nm_per_px`` is given) and ``images.csv`` (one row
     per image: count, mean diameter, swelling % when ``nm_per_px`` and ``thickness_nm``
     are given). The diameter of a box is the mean of its width and height; swelling
-    assumes spherical cavities: ``100 sum(pi d^3/6) / (A t - sum(pi d^3/6))``.
+    assumes spherical cavities: ``100 sum(pi d^3/6) / (A t - sum(pi d^3/6))``, a box wider
+    than 1.5 ``t`` counting as the foil column under it (:func:`temlib.cavity.swelling_percent`).
 
     Returns
     -------
