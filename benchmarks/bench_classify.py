@@ -35,7 +35,7 @@ def main() -> int:
 
     import numpy as np
 
-    from temlib import classify, synth
+    from temlib import _runtime, classify, synth
 
     try:
         clf = classify.load_classifier(args.model)
@@ -44,7 +44,7 @@ def main() -> int:
         print(
             f"note: {e}\n      timing an untrained network of the search's first architecture instead"
         )
-        keras = classify._runtime_keras()
+        keras = _runtime.keras()
         prep = classify.Preprocessing()
         inp = keras.Input((prep.size, prep.size, prep.channels))
         h = inp

@@ -186,6 +186,23 @@ def bfloat16_inference(model):
     return f
 
 
+def autokeras():
+    """Import AutoKeras (after Keras, with temlib's settings)."""
+    keras()
+    import autokeras as ak
+
+    return ak
+
+
+def hp_choice(hp, name: str, values):
+    """``hp.Choice(name, values)`` with the first value as default; a single value is fixed
+    (no hyperparameter registered, so a search space of one value costs no trials)."""
+    values = list(values)
+    if len(values) == 1:
+        return values[0]
+    return hp.Choice(name, values, default=values[0])
+
+
 def auto_model(**kwargs):
     """``autokeras.AutoModel(**kwargs)`` that leaves NumPy's global generator as it was.
 
@@ -194,9 +211,7 @@ def auto_model(**kwargs):
     """
     import numpy as np
 
-    keras()
-    import autokeras as ak
-
+    ak = autokeras()
     state = np.random.get_state()  # noqa: NPY002
     try:
         return ak.AutoModel(**kwargs)

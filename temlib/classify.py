@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import crystal, io, paths
+from . import _runtime, crystal, io, paths
 
 log = logging.getLogger(__name__)
 
@@ -784,8 +784,6 @@ class PhaseClassifier:
     def predict_inputs(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Probabilities (N, n_phases) of already preprocessed inputs (N, size, size)."""
         x = np.asarray(x, np.float32)
-        from . import _runtime
-
         out = np.empty((len(x), len(self.phases)), np.float32)
         net = (self.bfloat16 and _runtime.bfloat16_inference(self.model)) or _runtime.inference(
             self.model
@@ -827,7 +825,7 @@ class PhaseClassifier:
         if centers is not None:
             centers = np.asarray(centers, float).reshape(len(p), 2)
         if centers is None:
-            centers = _runtime_split(
+            centers = _runtime.split_apply(
                 lambda a: io.find_direct_beam(
                     a, radius=self.preprocessing.beam_search * min(a.shape[1:])
                 ),
@@ -836,7 +834,7 @@ class PhaseClassifier:
         out = np.empty((len(p), len(self.phases)), np.float32)
         block = max(batch_size, 4096)  # preprocessed at once (16 KB each), on every core
         for i in range(0, len(p), block):
-            x = _runtime_split(
+            x = _runtime.split_apply(
                 lambda a, c: preprocess(a, calibration, self.preprocessing, centers=c),
                 p[i : i + block],
                 centers[i : i + block],
@@ -897,8 +895,6 @@ def load_classifier(path: str | Path | None = None) -> PhaseClassifier:
     FileNotFoundError
         No model there (with how to train the default one).
     """
-    from . import _runtime
-
     path = Path(path) if path is not None else default_model_dir()
     if path.is_file() and path.name in (MODEL_FILE, METADATA_FILE):
         path = path.parent
@@ -930,19 +926,9 @@ def load_classifier(path: str | Path | None = None) -> PhaseClassifier:
 
 
 @functools.cache
-def _autokeras():
-    from . import _runtime
-
-    _runtime.keras()
-    import autokeras as ak
-
-    return ak
-
-
-@functools.cache
 def _layers():
     """Keras layers of temlib (registered for saving and loading; built lazily)."""
-    keras = _runtime_keras()
+    keras = _runtime.keras()
     ops = keras.ops
 
     @keras.saving.register_keras_serializable(package="temlib")
@@ -993,8 +979,8 @@ def _layers():
 @functools.cache
 def _augment_block():
     """The AutoKeras block of rotation augmentation (class built lazily)."""
-    ak = _autokeras()
-    keras = _runtime_keras()
+    ak = _runtime.autokeras()
+    keras = _runtime.keras()
     import tree
 
     layers = _layers()
@@ -1083,13 +1069,6 @@ class SearchResult:
         )
 
 
-def _choice(hyperparameters, name, values):
-    values = list(values)
-    if len(values) == 1:
-        return values[0]
-    return hyperparameters.Choice(name, values, default=values[0])
-
-
 def search(
     train: Dataset,
     val: Dataset,
@@ -1161,10 +1140,10 @@ def search(
         raise ValueError(
             f"Preprocessing size {prep.size} differs from the inputs ({train.x.shape[1]} px); expected the same"
         )
-    ak = _autokeras()
+    ak = _runtime.autokeras()
     from keras_tuner.engine import hyperparameters as khp
 
-    keras = _runtime_keras()
+    keras = _runtime.keras()
     n_classes = len(train.phases)
     settings = dict(
         preprocessing=prep.to_dict(),
@@ -1191,11 +1170,11 @@ def search(
     inp = ak.ImageInput()
     x = _augment_block()(rotation=augment, geometry=prep.geometry, seed=seed)(inp)
     x = ak.ConvBlock(
-        kernel_size=_choice(khp, "kernel_size", space.kernel_size),
-        num_blocks=_choice(khp, "num_blocks", space.num_blocks),
-        num_layers=_choice(khp, "num_layers", space.num_layers),
-        filters=_choice(khp, "filters", space.filters),
-        dropout=_choice(khp, "dropout", space.dropout),
+        kernel_size=_runtime.hp_choice(khp, "kernel_size", space.kernel_size),
+        num_blocks=_runtime.hp_choice(khp, "num_blocks", space.num_blocks),
+        num_layers=_runtime.hp_choice(khp, "num_layers", space.num_layers),
+        filters=_runtime.hp_choice(khp, "filters", space.filters),
+        dropout=_runtime.hp_choice(khp, "dropout", space.dropout),
         max_pooling=True,
         separable=space.separable,
     )(x)
@@ -1209,8 +1188,6 @@ def search(
     if learning_rate is not None:
         fixed.Fixed("optimizer", "adam")
         fixed.Fixed("learning_rate", float(learning_rate))
-    from . import _runtime
-
     am = _runtime.auto_model(
         inputs=inp,
         outputs=out,
@@ -1266,18 +1243,6 @@ def search(
     clf = PhaseClassifier(model, train.phases, prep, meta)
     hist = getattr(history, "history", None)
     return SearchResult(clf, trials, seconds, directory / project_name, hist)
-
-
-def _runtime_keras():
-    from . import _runtime
-
-    return _runtime.keras()
-
-
-def _runtime_split(f, *arrays, **kwargs):
-    from . import _runtime
-
-    return _runtime.split_apply(f, *arrays, **kwargs)
 
 
 # --------------------------------------------------------------------------------------

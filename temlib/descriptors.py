@@ -297,8 +297,6 @@ def pattern_descriptors(
     p = io.check_stack(patterns, calibration)
     if np.issubdtype(p.dtype, np.floating) and not np.isfinite(p).all():
         raise ValueError("Patterns hold NaN or infinite values; expected finite intensities")
-    from . import _runtime
-
     if centers is None:
         centers = _runtime.split_apply(io.find_direct_beam, p)
     centers = np.asarray(centers, float).reshape(len(p), 2)

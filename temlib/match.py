@@ -60,7 +60,7 @@ import numpy as np
 from orix.crystal_map import Phase
 from orix.quaternion import Rotation
 
-from . import crystal, descriptors
+from . import _runtime, crystal, descriptors
 
 log = logging.getLogger(__name__)
 
@@ -838,7 +838,6 @@ def match_descriptors(
         raise ValueError(
             "normalization='calibrated' needs a phase calibration; fit one with fit_phase_calibration or use 'zscore'"
         )
-    from . import _runtime
 
     def serial(desc, phase_of, near) -> MatchResult:
         parts = []
@@ -1041,8 +1040,6 @@ def resolve_beam_flip(
         )
     if len(q) == 0:
         return q.copy(), np.zeros(0)
-    from . import _runtime
-
     refl = simulate.reflections(phase, g_max=_g_max(settings))
 
     def part(u_, q_):

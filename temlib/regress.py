@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 from orix.quaternion import Orientation, Rotation
 
-from . import crystal, descriptors, io, paths
+from . import _runtime, crystal, descriptors, io, paths
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def euler_targets(q: np.ndarray, phase) -> np.ndarray:
 
 @functools.cache
 def _loss_class():
-    keras = _keras()
+    keras = _runtime.keras()
 
     @keras.saving.register_keras_serializable(package="temlib")
     class SymmetricRotationLoss(keras.losses.Loss):
@@ -243,17 +243,6 @@ def symmetric_loss(phase, flip: bool = True, eps: float = 1e-6):
     """A :class:`SymmetricRotationLoss` for ``phase`` (name or orix Phase)."""
     left, right = equivalent_transforms(phase, flip)
     return _loss_class()(left=left, right=right, eps=eps)
-
-
-def _keras():
-    from . import _runtime
-
-    return _runtime.keras()
-
-
-# --------------------------------------------------------------------------------------
-# Fast front end: raw patterns -> descriptors
-# --------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------
@@ -599,16 +588,8 @@ def canonicalize(desc: np.ndarray, smooth_bins: float = 1.0) -> tuple[np.ndarray
 
 
 @functools.cache
-def _autokeras():
-    _keras()
-    import autokeras as ak
-
-    return ak
-
-
-@functools.cache
 def _circular_pad_class():
-    keras = _keras()
+    keras = _runtime.keras()
 
     @keras.saving.register_keras_serializable(package="temlib")
     class CircularPad(keras.layers.Layer):
@@ -666,7 +647,7 @@ BLOCK_NAME = "descriptor"  # the search's block: its hyperparameters are "descri
 
 def _time_limit(seconds: float):
     """A Keras callback that stops training after the first epoch ending past ``seconds``."""
-    keras = _keras()
+    keras = _runtime.keras()
 
     class TimeLimit(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -686,8 +667,8 @@ MAX_TRUNK_FEATURES = (
 
 @functools.cache
 def _descriptor_block():
-    ak = _autokeras()
-    keras = _keras()
+    ak = _runtime.autokeras()
+    keras = _runtime.keras()
     import tree
 
     @keras.saving.register_keras_serializable(package="temlib")
@@ -707,10 +688,10 @@ def _descriptor_block():
             x = tree.flatten(inputs)[0]
             if len(x.shape) == 3:
                 x = layers.Reshape((*x.shape[1:], 1))(x)
-            n_conv = _hp_choice(hp, "conv_blocks", sp["conv_blocks"])
+            n_conv = _runtime.hp_choice(hp, "conv_blocks", sp["conv_blocks"])
             if n_conv:
-                filters = _hp_choice(hp, "filters", sp["filters"])
-                k = _hp_choice(hp, "kernel", sp["kernel"])
+                filters = _runtime.hp_choice(hp, "filters", sp["filters"])
+                k = _runtime.hp_choice(hp, "kernel", sp["kernel"])
                 for b in range(n_conv):
                     x = _circular_pad_class()(pad_theta=k // 2, pad_r=k // 2)(x)
                     x = layers.Conv2D(filters * 2**b, k, padding="valid", use_bias=False)(x)
@@ -722,9 +703,9 @@ def _descriptor_block():
                 while int(np.prod(x.shape[1:])) > MAX_TRUNK_FEATURES and min(x.shape[1:3]) >= 2:
                     x = layers.MaxPooling2D(2)(x)
             x = layers.Flatten()(x)
-            units = _hp_choice(hp, "dense_units", sp["dense_units"])
-            drop = _hp_choice(hp, "dropout", sp["dropout"])
-            for _ in range(_hp_choice(hp, "dense_layers", sp["dense_layers"])):
+            units = _runtime.hp_choice(hp, "dense_units", sp["dense_units"])
+            drop = _runtime.hp_choice(hp, "dropout", sp["dropout"])
+            for _ in range(_runtime.hp_choice(hp, "dense_layers", sp["dense_layers"])):
                 x = layers.Dense(units, use_bias=False)(x)
                 x = layers.BatchNormalization()(x)
                 x = layers.ReLU()(x)
@@ -733,13 +714,6 @@ def _descriptor_block():
             return x
 
     return DescriptorBlock
-
-
-def _hp_choice(hp, name, values):
-    values = list(values)
-    if len(values) == 1:
-        return values[0]
-    return hp.Choice(name, values, default=values[0])
 
 
 @dataclasses.dataclass
@@ -777,8 +751,6 @@ class Regressor:
             raise ValueError(
                 f"Descriptors of shape {desc.shape} do not fit the regressor; expected (N, {self.settings.n_r}, {self.settings.n_theta})"
             )
-        from . import _runtime
-
         out = []
         net = _runtime.inference(self.model)
         for a in range(0, len(desc), batch_size):
@@ -875,8 +847,8 @@ def search(
     if canonical:
         desc, phi = canonicalize(desc)
         q = qmul(q, rz(phi))
-    ak = _autokeras()
-    keras = _keras()
+    ak = _runtime.autokeras()
+    keras = _runtime.keras()
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(desc))
     n_val = max(1, int(round(val_fraction * len(desc))))
@@ -913,8 +885,6 @@ def search(
     fixed = HyperParameters()  # AutoKeras' own optimizer choices, restricted to what trains here
     fixed.Fixed("optimizer", "adam")
     fixed.Choice("learning_rate", list(space.learning_rate), default=space.learning_rate[0])
-    from . import _runtime
-
     first = {"optimizer": "adam", "learning_rate": space.learning_rate[0]} | {
         f"{BLOCK_NAME}/{k}": v[0]
         for k, v in dataclasses.asdict(space).items()
@@ -1127,7 +1097,7 @@ def hybrid_refine(
 
 
 def _compile(model, loss, learning_rate: float):
-    keras = _keras()
+    keras = _runtime.keras()
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), loss=loss)
     return model
 
@@ -1168,7 +1138,7 @@ def fine_tune(
         raise ValueError(
             "No real descriptors to fine-tune on; expected at least one pattern of the phase"
         )
-    keras = _keras()
+    keras = _runtime.keras()
     rng = np.random.default_rng(rng)
     x, y = shift_augment(desc, q, n_shifts, rng)
     x, y = np.concatenate([desc, x]), np.concatenate([np.asarray(q, float), y])
@@ -1219,7 +1189,7 @@ def train_euler_baseline(
     the search (``epochs``, wall-time limit ``trial_seconds``), so the difference
     measures the target and loss alone.
     """
-    keras = _keras()
+    keras = _runtime.keras()
     desc = np.asarray(desc, np.float32)
     q = np.asarray(q, float)
     if reg.canonical:
@@ -1311,7 +1281,7 @@ def load_regressor(path: str | Path) -> Regressor:
         )
     meta = json.loads((path / METADATA_FILE).read_text())
     _loss_class(), _circular_pad_class(), _descriptor_block()  # register the custom objects
-    model = _keras().models.load_model(path / MODEL_FILE, compile=False)
+    model = _runtime.keras().models.load_model(path / MODEL_FILE, compile=False)
     fields = {f.name for f in dataclasses.fields(descriptors.DescriptorSettings)}
     settings = descriptors.DescriptorSettings(
         **{k: v for k, v in meta["settings"].items() if k in fields}
@@ -1605,8 +1575,6 @@ def index_patterns(
     if p.ndim != 3:
         raise ValueError(f"Patterns of shape {p.shape} are not a stack; expected (N, ky, kx)")
     n = len(p)
-    from . import _runtime
-
     if centers is None:
         centers = _runtime.split_apply(io.find_direct_beam, p)
     centers = np.asarray(centers, float).reshape(n, 2)

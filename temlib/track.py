@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from . import detect, insitu
+from . import _runtime, detect, insitu
 
 logger = logging.getLogger(__name__)
 
@@ -304,8 +304,6 @@ class _UltralyticsTracker:
     """ByteTrack / BoT-SORT from ultralytics, frame by frame, returning ids per detection."""
 
     def __init__(self, method: str, **overrides):
-        from . import _runtime
-
         _runtime.ultralytics()
         import yaml
         from ultralytics.trackers.bot_sort import BOTSORT

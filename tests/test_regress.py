@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from orix.quaternion import Rotation
 
-from temlib import descriptors, io, regress, simulate, synth
+from temlib import _runtime, descriptors, io, regress, simulate, synth
 
 PHASES = ("ferrite", "NbC", "cementite")
 CLEAN = regress.Randomization(
@@ -46,7 +46,7 @@ def test_6d_round_trip(rng):
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_symmetric_loss_zero_for_equivalents(phase, rng):
-    keras = regress._keras()
+    keras = _runtime.keras()
     loss = regress.symmetric_loss(phase, eps=0.0)
     q = synth.random_quaternions(20, rng)
     sym = regress.proper_symmetry(phase)
@@ -118,7 +118,7 @@ def test_every_architecture_of_the_space_fits_the_size_limit():
 
     from keras_tuner import HyperParameters
 
-    keras = regress._keras()
+    keras = _runtime.keras()
     sp = regress.SearchSpace()
     block_cls = regress._descriptor_block()
     sizes = []
@@ -161,7 +161,7 @@ def test_search_starts_from_the_space_defaults(tmp_path):
 
 
 def test_time_limit_stops_training():
-    keras = regress._keras()
+    keras = _runtime.keras()
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile("adam", "mse")
     x = np.zeros((8, 4), np.float32)
