@@ -113,9 +113,25 @@ def ultralytics():
     return ul
 
 
+def _triton_before_tensorflow() -> None:
+    """Load triton's LLVM before TensorFlow's, so both can live in one process.
+
+    TensorFlow and triton (torch's compiler, imported when ultralytics trains) each bundle
+    LLVM; when TensorFlow loads first, importing triton aborts the process ("Option
+    'bitcode-mdindex-threshold' registered more than once"). The other order works.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        import triton._C.libtriton  # noqa: F401
+    except Exception:  # no triton (CPU-only torch): nothing to clash with
+        pass
+
+
 def keras():
     """Import keras on the TensorFlow backend with temlib's thread settings."""
     apply()
+    _triton_before_tensorflow()
     import keras as k
 
     return k

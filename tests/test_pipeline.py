@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -220,3 +223,20 @@ def test_split_apply_nested_runs_serially():
 
     np.testing.assert_array_equal(_runtime.split_apply(f, x, workers=2, min_part=100), x)
     assert len(outer) <= 2
+
+
+def test_keras_then_torch_compiler_in_one_process():
+    """TensorFlow loaded through temlib, then triton (ultralytics' training imports it via
+    torch._inductor): both LLVM copies load, the process does not abort."""
+    pytest.importorskip("triton")
+    code = (
+        "from temlib import _runtime\n"
+        "keras = _runtime.keras()\n"
+        "keras.ops.ones(2)\n"
+        "import torch\n"
+        "torch.use_deterministic_algorithms(True)\n"  # imports torch._inductor, hence triton
+        "print('both loaded')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "both loaded" in r.stdout
