@@ -211,8 +211,8 @@ def autokeras():
 
 
 def hp_choice(hp, name: str, values):
-    """``hp.Choice(name, values)`` with the first value as default; a single value is fixed
-    (no hyperparameter registered, so a search space of one value costs no trials)."""
+    """``hp.Choice(name, values)`` with the first value as default; a single value is used
+    as it is (no hyperparameter registered)."""
     values = list(values)
     if len(values) == 1:
         return values[0]
