@@ -812,7 +812,7 @@ class GeneratorConfig:
 
     Sharpness: the cavities' image is blurred by a Gaussian of ``psf_px`` (camera, drift,
     compression). The default reaches 2.5 px because real high-magnification images show
-    soft-edged cavities (e.g. ``cavity1`` of ``../shared/data``, 0.1 nm/px): a detector
+    soft-edged cavities (e.g. ``cavity1`` of ``../shared/data``, 0.112 nm/px): a detector
     trained on 0.3-1.0 px found 70 % of cavities blurred by 1.5-2.5 px (60 images) where
     one trained on 0.3-2.5 px finds 81 %, and the same on sharp ones.
     """

@@ -792,8 +792,9 @@ def evaluate(
         first threshold; diameter = mean box side) and ``diameter_bias`` (signed mean),
         the matched ``diameters_pred`` and ``diameters_true`` (px);
         with calibrations, ``swelling_error`` (mean absolute difference of swelling %,
-        spheres of those diameters, :func:`temlib.cavity.swelling_percent`), ``swelling_error_median`` (its median over images: a
-        few dense images weigh less) and per-image ``swelling_pred``, ``swelling_true``.
+        spheres of those diameters by :func:`temlib.cavity.swelling_percent`),
+        ``swelling_error_median`` (its median over images: a few dense images weigh less)
+        and per-image ``swelling_pred``, ``swelling_true``.
     """
     if len(preds) != len(truths):
         raise ValueError(
