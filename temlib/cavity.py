@@ -806,6 +806,14 @@ class GeneratorConfig:
     ``d_range_nm``, above the image's foil thickness or below ``min_d_px`` pixels are
     redrawn.
 
+    Density: the number of cavities is drawn from ``count``; taken in a random order,
+    a cavity is left out when it would raise the void swelling of the foil under the
+    image (thickness drawn from ``thickness_nm``) above ``max_swelling`` (%). Count,
+    sizes and field are otherwise independent, and a small field full of large cavities
+    reached hundreds of % (a 256 px training image 717 %, of 150 drawn); measured void
+    swelling of steels stays below ~30 % even after fast-reactor doses, and that of
+    ion-irradiated TEM foils mostly below 10 %.
+
     Noise: the relative noise of the embedded background is drawn log-uniformly from
     ``noise``; the default range gives final images whose pixel noise / mean level spans
     that of the real BF-TEM images of ``../shared/data`` (10th-90th percentile ~0.045-0.28).
@@ -835,6 +843,7 @@ class GeneratorConfig:
     d_range_nm: tuple[float, float] = (2.0, 80.0)
     min_d_px: float = 6.0
     count: tuple[int, int] = (5, 40)
+    max_swelling: float = 30.0
     faceted_fraction: float = 0.5
     truncation: tuple[float, float] = (1.05, 1.6)
     max_overlap: float = 0.25
@@ -861,6 +870,11 @@ class GeneratorConfig:
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise ValueError(f"{name} {v!r} is out of range; expected 0 <= value <= 1")
+        if not self.max_swelling > 0:
+            raise ValueError(
+                f"max_swelling {self.max_swelling!r} is not positive; expected a void swelling "
+                "cap in % (e.g. 30)"
+            )
         if self.size < 32:
             raise ValueError(f"Image size {self.size!r} is too small; expected at least 32 px")
         if self.noise[0] <= 0:
@@ -893,17 +907,28 @@ def place_cavities(
     px_nm: float,
     cfg: GeneratorConfig,
     avoid: np.ndarray | None = None,
+    max_volume_nm3: float = np.inf,
 ) -> list[Cavity]:
     """Draw ``n`` cavities (sizes, shapes, positions) in a frame, limiting overlaps.
 
     ``avoid`` ``(K, 4)`` boxes ``[x1, y1, x2, y2]`` (px) of real cavities the simulated
     ones must not overlap. Two simulated cavities may overlap in projection by up to
     ``cfg.max_overlap`` of the smaller diameter; a fraction ``cfg.edge_fraction`` is
-    placed across the frame edge.
+    placed across the frame edge. Taken in a random order, a cavity is kept while the
+    spheres kept hold at most ``max_volume_nm3`` (the swelling cap), else left out.
     """
     M, N = shape
     median = rng.uniform(*cfg.d_median_nm_range)
-    diam = np.sort(_draw_diameters(rng, n, median, cfg, px_nm))[::-1]
+    diam = _draw_diameters(rng, n, median, cfg, px_nm)
+    vol = np.pi / 6 * diam**3
+    if vol.sum() > max_volume_nm3:
+        # in a random order, each cavity that still fits is kept
+        keep, total = np.zeros(len(diam), bool), 0.0
+        for i in rng.permutation(len(diam)):
+            if total + vol[i] <= max_volume_nm3:
+                keep[i], total = True, total + vol[i]
+        diam = diam[keep]
+    diam = np.sort(diam)[::-1]
     placed: list[Cavity] = []
     circ = []  # (row, col, r_px)
     if avoid is not None and len(avoid):
@@ -1133,7 +1158,21 @@ def generate_image(
     t_foil = _u(rng, cfg.thickness_nm)
     # a cavity is no larger than the foil that holds it
     sized = dataclasses.replace(cfg, d_range_nm=(cfg.d_range_nm[0], min(cfg.d_range_nm[1], t_foil)))
-    cavs = place_cavities(rng, n, shape, px, sized, avoid=real[:, 1:] if len(real) else None)
+    # the cavities' volume in the foil under the image, for at most cfg.max_swelling %
+    foil = shape[0] * shape[1] * px**2 * t_foil
+    v_max = foil * cfg.max_swelling / (100.0 + cfg.max_swelling)
+    if len(real):
+        w, h = real[:, 3] - real[:, 1], real[:, 4] - real[:, 2]
+        v_max -= float(np.sum(np.pi / 6 * ((w + h) / 2 * px) ** 3))
+    cavs = place_cavities(
+        rng,
+        n,
+        shape,
+        px,
+        sized,
+        avoid=real[:, 1:] if len(real) else None,
+        max_volume_nm3=max(v_max, 0.0),
+    )
     dI, masks = cavity_intensity(cavs, shape, px, opt, oversample=cfg.oversample)
     # local level: a broad blur of the background, so cavities sit on their own surroundings
     local = local_level(bg, max(4.0, 0.02 * max(shape)))
@@ -1601,6 +1640,50 @@ def recall_by(
     return out.reset_index().rename(columns={"bin": column})
 
 
+def swelling_error_by(swelling_true, swelling_pred, bins=(0, 1, 5, 10, 30, np.inf)):
+    """Swelling error of a detector by the images' true swelling.
+
+    An absolute error in % means little without the swelling it was made at: a detector
+    that finds cavity volumes to 10 % errs by 0.1 % at 1 % swelling and by 2 % at 20 %.
+
+    Parameters
+    ----------
+    swelling_true, swelling_pred
+        ``(K,)`` per-image swelling %, true and detected (:func:`temlib.detect.evaluate`'s
+        ``swelling_true`` and ``swelling_pred``).
+    bins
+        Edges of the true-swelling bins (%, lower edge included).
+
+    Returns
+    -------
+    pd.DataFrame
+        One row per bin: ``swelling (%)``, ``images``, ``mean true (%)``, ``mean abs error
+        (%)``, ``median abs error (%)``, ``mean relative error`` (``|pred - true| / true``).
+    """
+    import pandas as pd
+
+    t, p = np.asarray(swelling_true, float), np.asarray(swelling_pred, float)
+    if t.shape != p.shape or t.ndim != 1:
+        raise ValueError(
+            f"Got true swellings of shape {t.shape} and detected ones of shape {p.shape}; "
+            "expected two (K,) arrays, one value per image"
+        )
+    df = pd.DataFrame({"true": t, "err": np.abs(p - t)})
+    df["rel"] = df.err / df.true.where(df.true > 0)
+    df["bin"] = pd.cut(df.true, np.asarray(bins, float), right=False)
+    g = df.groupby("bin", observed=False)
+    out = pd.DataFrame(
+        {
+            "images": g.size(),
+            "mean true (%)": g.true.mean(),
+            "mean abs error (%)": g.err.mean(),
+            "median abs error (%)": g.err.median(),
+            "mean relative error": g.rel.mean(),
+        }
+    )
+    return out.reset_index().rename(columns={"bin": "swelling (%)"})
+
+
 # --------------------------------------------------------------------------- realism checks
 
 
@@ -1696,6 +1779,12 @@ def _cli_cavity(parser):
         metavar=("LO", "HI"),
         help="simulated cavities per image",
     )
+    g.add_argument(
+        "--max-swelling",
+        type=float,
+        default=None,
+        help="void swelling cap per image, %% (default 30: cavities left out above it)",
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--workers", type=int, default=2, help="processes (default 2)")
 
@@ -1710,6 +1799,8 @@ def _cli_cavity(parser):
             kw["overfocus_fraction"] = args.overfocus_fraction
         if args.count:
             kw["count"] = tuple(args.count)
+        if args.max_swelling is not None:
+            kw["max_swelling"] = args.max_swelling
         cfg = GeneratorConfig(**kw)
         out = generate_dataset(
             args.n,

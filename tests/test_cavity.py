@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
@@ -96,7 +97,7 @@ def test_labels_match_what_was_drawn(rng):
 
 def test_generate_is_deterministic_and_edge_cut(rng):
     cfg = cv.GeneratorConfig(size=128, count=(6, 6), edge_fraction=1.0)
-    a, b = cv.generate_image(3, cfg), cv.generate_image(3, cfg)
+    a, b = cv.generate_image(3, cfg, nm_per_px=1.0), cv.generate_image(3, cfg, nm_per_px=1.0)
     assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["boxes"], b["boxes"])
     assert any(r["edge_cut"] for r in a["cavities"])
     assert np.all(a["boxes"][:, 1:] >= 0) and np.all(a["boxes"][:, [1, 3]] <= 128)
@@ -117,6 +118,40 @@ def test_cavities_fit_in_the_foil():
         res = cv.generate_image(seed, cfg, nm_per_px=1.0)
         d = np.array([r["diameter_nm"] for r in res["cavities"]])
         assert len(d) and d.max() <= res["meta"]["thickness_nm"] + 1e-9
+
+
+def test_swelling_stays_below_the_cap():
+    # 30 spheres of ~30 nm in a 128 x 128 nm field of a 60 nm foil: ~40 % swelling asked for
+    kw = dict(
+        size=128,
+        count=(30, 30),
+        d_median_nm_range=(30, 30),
+        d_sigma=0.05,
+        thickness_nm=(60, 60),
+        min_contrast=0,
+        min_snr=0,
+        faceted_fraction=0.0,
+        edge_fraction=0.0,
+        max_overlap=1.0,
+    )
+    free = cv.generate_image(1, cv.GeneratorConfig(max_swelling=1e6, **kw), nm_per_px=1.0)
+    capped = cv.generate_image(1, cv.GeneratorConfig(max_swelling=5.0, **kw), nm_per_px=1.0)
+    assert free["meta"]["swelling_true_volume_percent"] > 20
+    assert 2 < capped["meta"]["swelling_true_volume_percent"] <= 5.0
+    assert 0 < len(capped["cavities"]) < len(free["cavities"])
+    d = [r["diameter_nm"] for r in capped["cavities"]]
+    assert np.median(d) == pytest.approx(30, rel=0.1)  # the kept ones keep the drawn sizes
+
+
+def test_swelling_error_by_bins_planted_errors():
+    true = np.array([0.5, 0.8, 3.0, 4.0, 20.0])
+    pred = np.array([0.6, 0.8, 2.7, 4.4, 16.0])  # 0.1, 0, 0.3, 0.4, 4 % off
+    t = cv.swelling_error_by(true, pred, bins=(0, 1, 5, 30))
+    assert list(t["images"]) == [2, 2, 1]
+    assert t["mean abs error (%)"].to_numpy() == pytest.approx([0.05, 0.35, 4.0])
+    assert t["mean relative error"].to_numpy() == pytest.approx([0.1, 0.1, 0.2])
+    with pytest.raises(ValueError, match="one value per image"):
+        cv.swelling_error_by(true, pred[:3])
 
 
 def test_swelling_formula():
@@ -177,6 +212,7 @@ def test_generate_dataset_and_backgrounds(tmp_path, rng):
         (dict(faceted_fraction=1.5), "faceted_fraction 1.5"),
         (dict(size=8), "too small"),
         (dict(noise=(0.0, 0.1)), "starts at zero"),
+        (dict(max_swelling=0), "max_swelling 0 is not positive"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -193,6 +229,11 @@ def test_cli_generate(tmp_path, capsys):
         == 0
     )
     assert len(list((out / "labels").glob("*.txt"))) == 2 and (out / "cavities.csv").is_file()
+    capped = tmp_path / "capped"
+    args = ["cavity", "generate", "--n", "3", "--out", str(capped), "--size", "128"]
+    assert cli.main([*args, "--count", "40", "40", "--max-swelling", "1", "--workers", "1"]) == 0
+    swelling = pd.read_csv(capped / "images.csv").swelling_true_volume_percent
+    assert swelling.max() <= 1.0
     assert cli.main(["cavity", "generate", "--n", "0", "--out", str(out)]) == 2
     assert "at least 1" in capsys.readouterr().err
     assert (
