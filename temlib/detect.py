@@ -563,6 +563,18 @@ class Detector:
         """Confidence threshold used when none is given: the metadata's ``conf``, else 0.25."""
         return float(self.metadata.get("conf", 0.25))
 
+    def _drop_weak_large(self, results: list[np.ndarray], conf: float) -> list[np.ndarray]:
+        # boxes longer than metadata "large_px" need the confidence "conf_large"
+        cl = self.metadata.get("conf_large")
+        if cl is None or cl <= conf:
+            return results
+        big = float(self.metadata.get("large_px", self.imgsz / 2))
+        out = []
+        for b in results:
+            side = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+            out.append(b[(side <= big) | (b[:, 4] >= cl)])
+        return out
+
     def _run(
         self, frames: list[np.ndarray], conf: float, iou: float, batch: int
     ) -> list[np.ndarray]:
@@ -608,6 +620,9 @@ class Detector:
         conf, iou
             Confidence threshold (``None``: the model's metadata ``conf``, chosen on held-out
             validation images by :func:`choose_confidence`, else 0.25) and NMS IoU threshold.
+            Boxes longer than the metadata's ``large_px`` need its ``conf_large`` when that
+            is higher (fitted by :func:`temlib.cavity.fit_confidence`: a false large box
+            weighs d^3 in swelling).
         tile
             Tile size in px for tiled inference (``None``: whole frame letterboxed to the
             model's ``imgsz``). Tiles overlap by ``overlap`` of their size; boxes cut by an
@@ -651,7 +666,7 @@ class Detector:
             big = max(max(f.shape) for f in frames) > limit * self.imgsz
             tile = self.imgsz if big else None
         if tile is None:
-            return self._run(frames, conf, iou, batch)
+            return self._drop_weak_large(self._run(frames, conf, iou, batch), conf)
         results = []
         ov = int(round(overlap * tile))
         for f in frames:
@@ -688,7 +703,7 @@ class Detector:
             allb = np.concatenate(allb) if allb else np.zeros((0, 6))
             allb = allb[_nms(allb, iou)]
             results.append(allb[_suppress_fragments(allb)])
-        return results
+        return self._drop_weak_large(results, conf)
 
 
 def _as_frames(x) -> list[np.ndarray]:

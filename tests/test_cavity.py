@@ -314,7 +314,7 @@ def test_detector_finds_large_cavities(tiny_detector, tmp_path):
 def test_fit_confidence_stores_the_threshold_of_best_f1(tiny_detector, tmp_path):
     w, cfg, root = tiny_detector
     folder = _copy_model(w, tmp_path / "model")
-    conf, table = cv.fit_confidence(
+    conf, table, large = cv.fit_confidence(
         folder,
         tmp_path / "data",
         n_images=6,
@@ -329,8 +329,31 @@ def test_fit_confidence_stores_the_threshold_of_best_f1(tiny_detector, tmp_path)
     assert f1[conf] >= f1.max() - 0.01 and conf == min(
         c for c in f1.index if f1[c] >= f1.max() - 0.01
     )
-    assert detect.load_detector(folder).default_conf == conf  # stored with the model
+    det = detect.load_detector(folder)
+    assert det.default_conf == conf  # stored with the model
     assert len(cv.load_dataset(tmp_path / "data" / "val")[0]) == 6
+    # large boxes: the threshold of least validation swelling error, from conf up
+    best = large.loc[large["swelling error (%)"].idxmin(), "conf_large"]
+    assert det.metadata["conf_large"] == best >= conf and large.conf_large.min() == conf
+    assert det.metadata["large_px"] == det.imgsz / 2
+
+
+def test_large_boxes_need_their_own_confidence(tiny_detector):
+    w, cfg, root = tiny_detector
+    images = [cv.generate_image(100 + i, cfg)["image"] for i in range(4)]
+    det = detect.load_detector(w)
+    for tile in (None, 64):
+        det.metadata.pop("conf_large", None)
+        free = det.predict(images, conf=0.05, tile=tile)
+        det.metadata.update(conf_large=0.6, large_px=12.0)
+        kept = det.predict(images, conf=0.05, tile=tile)
+        n_big_weak = 0
+        for f, k in zip(free, kept, strict=True):
+            side = np.maximum(f[:, 2] - f[:, 0], f[:, 3] - f[:, 1])
+            ok = (side <= 12.0) | (f[:, 4] >= 0.6)
+            n_big_weak += int((~ok).sum())
+            assert np.allclose(k, f[ok])
+        assert n_big_weak > 0  # the rule removed something
 
 
 @pytest.mark.parametrize(
