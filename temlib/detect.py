@@ -1063,7 +1063,8 @@ def _cli_detect(parser):
         "--conf",
         type=float,
         default=None,
-        help="confidence threshold (default: the model's, chosen on validation images; else 0.25)",
+        help="confidence threshold (default: the model's, chosen on validation images; else 0.25; "
+        "a cavity model also holds a higher one for boxes longer than half its input)",
     )
     parser.add_argument("--iou", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
     parser.add_argument(
