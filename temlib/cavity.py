@@ -2148,7 +2148,6 @@ def fit_confidence(
     )
     large_px = detector.imgsz / 2
     preds = detector.predict(images, conf=conf, tile="auto")
-    sides = [np.maximum(p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]) for p in preds]
     calib = dict(
         nm_per_px=[m["nm_per_px"] for m in meta],
         thickness_nm=[m["thickness_nm"] for m in meta],
@@ -2156,7 +2155,7 @@ def fit_confidence(
     )
     rows = []
     for c in sorted({*[g for g in detect.CONF_GRID if g >= conf], conf, 0.85, 0.9}):
-        kept = [p[(s <= large_px) | (p[:, 4] >= c)] for p, s in zip(preds, sides, strict=True)]
+        kept = [detect.drop_weak_large(p, c, large_px) for p in preds]
         ev = detect.evaluate(kept, labels, iou_thresholds=(0.5,), **calib)
         rows.append(
             {

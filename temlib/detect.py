@@ -569,11 +569,7 @@ class Detector:
         if cl is None or cl <= conf:
             return results
         big = float(self.metadata.get("large_px", self.imgsz / 2))
-        out = []
-        for b in results:
-            side = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
-            out.append(b[(side <= big) | (b[:, 4] >= cl)])
-        return out
+        return [drop_weak_large(b, cl, big) for b in results]
 
     def _run(
         self, frames: list[np.ndarray], conf: float, iou: float, batch: int
@@ -704,6 +700,12 @@ class Detector:
             allb = allb[_nms(allb, iou)]
             results.append(allb[_suppress_fragments(allb)])
         return self._drop_weak_large(results, conf)
+
+
+def drop_weak_large(boxes: np.ndarray, conf_large: float, large_px: float) -> np.ndarray:
+    """Predictions ``(K, 6)`` without the boxes longer than ``large_px`` below ``conf_large``."""
+    side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    return boxes[(side <= large_px) | (boxes[:, 4] >= conf_large)]
 
 
 def _as_frames(x) -> list[np.ndarray]:
