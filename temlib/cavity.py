@@ -2143,11 +2143,16 @@ def fit_confidence(
     )
     images, labels, meta = load_dataset(val_dir)
     negatives = [img for _, img in real_negative_images(real_negatives)]
+    # detected once, at the lowest threshold tried; each threshold keeps its boxes of it
+    found = detector.predict(images + negatives, conf=min(detect.CONF_GRID), tile="auto")
     conf, table = detect.choose_confidence(
-        detector, images + negatives, labels + [np.zeros((0, 5))] * len(negatives), tile="auto"
+        detector,
+        images + negatives,
+        labels + [np.zeros((0, 5))] * len(negatives),
+        predictions=found,
     )
     large_px = detector.imgsz / 2
-    preds = detector.predict(images, conf=conf, tile="auto")
+    preds = [p[p[:, 4] >= conf] for p in found[: len(images)]]
     calib = dict(
         nm_per_px=[m["nm_per_px"] for m in meta],
         thickness_nm=[m["thickness_nm"] for m in meta],

@@ -866,6 +866,7 @@ def choose_confidence(
     grid=CONF_GRID,
     iou: float = 0.5,
     tolerance: float = 0.01,
+    predictions: list[np.ndarray] | None = None,
     **predict_kwargs,
 ):
     """A confidence threshold fitted on labelled validation images: F1 (IoU ``iou``) at its best.
@@ -876,6 +877,8 @@ def choose_confidence(
     which counts and swelling (a missed large cavity weighs d^3) need most. Use held-out
     images that are not the test set (the threshold is a fitted parameter). Images with
     no labels (e.g. real images known to hold no object) count every box as false.
+    ``predictions``: the detector's boxes for ``images`` at the lowest threshold of
+    ``grid`` or below, when the caller has them (not detected again).
 
     Returns
     -------
@@ -890,7 +893,14 @@ def choose_confidence(
     grid = sorted(float(c) for c in grid)
     if not grid or not 0 < grid[0] < 1 or grid[-1] >= 1:
         raise ValueError(f"Thresholds {grid} are not valid; expected values in (0, 1)")
-    preds = detector.predict(images, conf=grid[0], **predict_kwargs)
+    if predictions is None:
+        preds = detector.predict(images, conf=grid[0], **predict_kwargs)
+    elif len(predictions) != len(images):
+        raise ValueError(
+            f"Got {len(predictions)} prediction arrays for {len(images)} images; expected one per image"
+        )
+    else:
+        preds = [p[p[:, 4] >= grid[0]] for p in predictions]
     empty = [p[:, 4] for p, lab in zip(preds, labels, strict=True) if len(lab) == 0]
     rows = []
     for c in grid:

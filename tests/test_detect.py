@@ -300,6 +300,14 @@ def test_real_negatives_raise_the_threshold_above_their_false_boxes():
     # the false boxes per empty frame, from the same detections: 4 at 0.3, 1 at 0.45, 0 above
     per_empty = table.set_index("conf")["false per empty image"]
     assert per_empty[0.3] == 4 and per_empty[0.45] == 1 and per_empty[0.5] == 0
+    # detections the caller already has: the same choice, and no detection run again
+    det_none, _ = _planted_detector([])
+    given, table2 = detect.choose_confidence(
+        det_none, frames, truth + [np.zeros((0, 5))] * 2, predictions=found
+    )
+    assert given == both and table2.equals(table)
+    with pytest.raises(ValueError, match="expected one per image"):
+        detect.choose_confidence(det_none, frames, truth, predictions=found[:2])
 
 
 @pytest.mark.parametrize("threads", [2, 5])
