@@ -27,6 +27,7 @@ stretched linearly from their 0.1st to 99.9th percentile onto 0..255.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -264,7 +265,9 @@ def train(
 ) -> Path:
     """Train a grey YOLO detector from scratch and return ``<out_dir>/best.pt``.
 
-    No pretrained weights are used or downloaded; plots are off; CPU with 2 workers.
+    No pretrained weights are used or downloaded; plots are off; CPU with 2 workers, in
+    bfloat16 mixed precision where the CPU does bfloat16 natively (:func:`cpu_bf16_supported`;
+    ``amp=False`` trains in float32).
     Augmentation defaults favour generality across microscopes (flips, rotations by 90
     degrees through flips, scale, brightness); any ultralytics train argument in
     ``kwargs`` overrides them.
@@ -332,8 +335,15 @@ def train(
         patience=max(epochs, 10),
     )
     args.update(kwargs)
+    # mixed precision on a CPU with native bfloat16: training steps 1.56x faster here (yolo11n,
+    # batch 8, 256 px: 174 vs 274 ms), epochs of the cavity data 1.31x (15.5 vs 20.3 s), so
+    # more epochs fit a time budget
+    bf16 = args["device"] == "cpu" and "amp" not in kwargs and cpu_bf16_supported()
+    if bf16:
+        args["amp"] = "bf16"
     model = ul.YOLO(model_cfg, task="detect")
-    model.train(**args)
+    with _cpu_bf16_autocast() if bf16 else contextlib.nullcontext():
+        model.train(**args)
     run = Path(model.trainer.save_dir)
     best = run / "weights" / "best.pt"
     if not best.is_file():
@@ -357,6 +367,7 @@ def train(
         "nm_per_px": nm_per_px,
         "model_cfg": str(model_cfg),
         "epochs": int(getattr(model.trainer, "epochs", epochs)),  # run (a time budget refits it)
+        "precision": "bf16" if bf16 else "fp32",  # of the training steps
         "seed": int(seed),
         "dataset": str(dataset_yaml),
         "description": description,
@@ -376,6 +387,38 @@ def train(
             old.unlink()
     log.info("trained %s -> %s", model_cfg, dst)
     return dst
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX), via oneDNN."""
+    import torch
+
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@contextlib.contextmanager
+def _cpu_bf16_autocast():
+    """Let ultralytics' trainer autocast to bfloat16 on the CPU (it allows bf16 on CUDA only)."""
+    import torch
+    import ultralytics.engine.trainer as trainer
+
+    original = trainer.autocast
+
+    def autocast(enabled, device="cuda"):
+        if device == "cpu" and enabled is torch.bfloat16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return original(enabled, device=device)
+
+    trainer.autocast = autocast
+    try:
+        yield
+    finally:
+        trainer.autocast = original
 
 
 def _write_json(path: Path, obj) -> None:

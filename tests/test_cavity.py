@@ -309,6 +309,8 @@ def test_detector_finds_large_cavities(tiny_detector, tmp_path):
     ev = detect.evaluate(preds, [t["boxes"] for t in test], iou_thresholds=(0.3,))
     # about 160 optimizer steps from scratch: most large cavities found, few false alarms
     assert ev["recall@0.3"] >= 0.5 and ev["precision@0.3"] >= 0.5, ev
+    # trained in bfloat16 mixed precision where the CPU has it natively
+    assert det.metadata["precision"] == ("bf16" if detect.cpu_bf16_supported() else "fp32")
 
 
 def test_fit_confidence_stores_the_threshold_of_best_f1(tiny_detector, tmp_path):

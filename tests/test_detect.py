@@ -332,6 +332,29 @@ def test_ultralytics_device_selection_keeps_temlib_threads(monkeypatch, threads)
         torch.set_num_threads(before)
 
 
+def test_bf16_autocast_on_cpu_only_inside_training():
+    # ultralytics' trainer autocasts to bfloat16 on CUDA only; temlib lets it on the CPU
+    # while detect.train runs, and puts ultralytics' function back afterwards
+    import torch
+
+    from temlib import _runtime
+
+    _runtime.ultralytics()
+    import ultralytics.engine.trainer as trainer
+
+    original = trainer.autocast
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        original(torch.bfloat16, device="cpu")
+    a = torch.ones(4, 4)
+    with detect._cpu_bf16_autocast():
+        with trainer.autocast(torch.bfloat16, device="cpu"):
+            assert (a @ a).dtype == torch.bfloat16
+        with trainer.autocast(False, device="cpu"):  # the rest still goes to ultralytics
+            assert (a @ a).dtype == torch.float32
+    assert trainer.autocast is original
+    assert isinstance(detect.cpu_bf16_supported(), bool)
+
+
 def test_evaluate_swelling_error_mean_and_median():
     # three 100 x 100 px images at 1 nm/px, foil 50 nm; the second misses one of its two
     # cavities: its swelling error is that cavity's volume share, the others' are 0
