@@ -316,7 +316,7 @@ class DriftEstimator:
     method = "phase_correlation"  # any name but None: ultralytics then calls apply()
 
     def __init__(self, downscale: int = 4):
-        if int(downscale) < 1:
+        if isinstance(downscale, bool) or int(downscale) != downscale or downscale < 1:
             raise ValueError(f"downscale must be a whole number >= 1, got {downscale!r}")
         self.downscale = int(downscale)
         self.reset_params()

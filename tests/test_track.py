@@ -71,8 +71,9 @@ def test_drift_estimator_recovers_planted_shift_and_video_drift(drifting_video):
     assert np.abs(true).sum(0).min() > 15  # it drifts by > 15 px in x and y
     assert np.sqrt(((est - true) ** 2).sum(1).mean()) < 0.6
     np.testing.assert_allclose(est.sum(0), true.sum(0), atol=2.0)
-    with pytest.raises(ValueError, match="downscale must be a whole number >= 1"):
-        track.DriftEstimator(0)
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match=f"downscale must be a whole number >= 1, got {bad}"):
+            track.DriftEstimator(bad)
 
 
 def test_botsort_follows_a_fast_drift():
