@@ -383,11 +383,8 @@ class _UltralyticsTracker:
 
     def update(self, frame: int, boxes: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
         dets = _Dets(boxes)
-        img = None
-        if image is not None and self.method == "botsort":
-            img = np.asarray(image)
-            if img.ndim == 2:  # one channel: motion compensation takes it as its grey frame
-                img = img[..., None]
+        # the frame serves BoT-SORT's motion compensation only (DriftEstimator: grey or colour)
+        img = image if self.method == "botsort" else None
         out = self.tracker.update(dets, img)
         ids = np.zeros(len(dets), int)
         if len(out):
