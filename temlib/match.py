@@ -44,6 +44,14 @@ The 180-degree ambiguity
     ``flip_confidence`` reported (near 0: the pattern cannot tell; take both).
     :func:`orientation_errors` reports errors strictly and modulo the flip.
 
+Refinement below the library step
+    The best template is up to half a library step away, plus what the map's look moves
+    it. :func:`refine_orientations` simulates templates at small tilts around a solution
+    and climbs the correlation (continuous orientations), with the relrod half-width
+    fitted on the map (:func:`fit_excitation_error`: it depends on the foil's thickness
+    and on precession, which a map does not record). ``temlib index`` refines by default
+    (:func:`refine_result`); :func:`match_patterns` with ``refine=``.
+
 Orientations follow orix: a rotation maps sample to crystal; a template's pattern turned
 by ``phi`` about the beam (counter-clockwise in the (x, y) = (col, row) frame of
 :mod:`temlib.simulate`) is the pattern of ``R_template * Rz(-phi)``.
@@ -980,13 +988,24 @@ def match_patterns(
     calibration: float,
     library: Library,
     centers: np.ndarray | None = None,
+    refine: bool | dict = False,
     **kwargs,
 ) -> MatchResult:
-    """Index (N, ky, kx) raw patterns: descriptors (:mod:`temlib.descriptors`), :func:`match_descriptors`, then the beam flip of the best solution (:func:`flip_result`)."""
+    """Index (N, ky, kx) raw patterns: descriptors (:mod:`temlib.descriptors`), :func:`match_descriptors`, then the beam flip of the best solution (:func:`flip_result`).
+
+    ``refine``: also refine the best solution below the library step (:func:`refine_result`),
+    with the relrod half-widths of a ``{phase: 1/Å}`` dict or, for True, fitted on these
+    patterns (:func:`fit_result_excitation_error`; phases with fewer than
+    :data:`MIN_FIT_PATTERNS` patterns keep the library's).
+    """
     desc, unfolded = descriptors.pattern_descriptors(
         patterns, calibration, centers, library.settings, unfolded=True
     )
-    return flip_result(match_descriptors(desc, library, **kwargs), unfolded, library)
+    res = match_descriptors(desc, library, **kwargs)
+    if refine is False:
+        return flip_result(res, unfolded, library)
+    relrod = fit_result_excitation_error(res, desc, library) if refine is True else refine
+    return refine_result(res, desc, unfolded, library, relrod)
 
 
 def resolve_beam_flip(
@@ -1057,13 +1076,262 @@ def resolve_beam_flip(
     return _runtime.split_apply(part, u, q)  # parts of the stack on every core
 
 
-def flip_result(result: MatchResult, unfolded: np.ndarray, library: Library) -> MatchResult:
+# --------------------------------------------------------------------------------------
+# Orientation refinement below the library step
+# --------------------------------------------------------------------------------------
+
+#: Tilt steps (deg) of :func:`refine_orientations`, coarse to fine.
+REFINE_STEPS = (0.5, 0.25, 0.125)
+#: Relrod half-widths (1/Å) tried by :func:`fit_excitation_error`.
+EXCITATION_ERRORS = (0.015, 0.0225, 0.03, 0.0375, 0.045, 0.0525, 0.06, 0.0675, 0.075)
+#: Patterns of one phase needed to fit its relrod half-width on a map.
+MIN_FIT_PATTERNS = 32
+
+
+def _tilts(step: float) -> np.ndarray:
+    """(8, 4): rotations about the sample x axis, then y, by -step, 0 or +step deg (not both 0)."""
+    a, b = np.meshgrid([-step, 0.0, step], [-step, 0.0, step], indexing="ij")
+    keep = (a != 0) | (b != 0)
+    ha, hb = np.radians(a[keep]) / 2, np.radians(b[keep]) / 2
+    zero = np.zeros_like(ha)
+    qx = np.stack([np.cos(ha), np.sin(ha), zero, zero], -1)
+    qy = np.stack([np.cos(hb), zero, np.sin(hb), zero], -1)
+    return _qmul(qx, qy)
+
+
+def _pair_correlation(spec, q, refl, settings, kv, excitation_error):
+    """Correlation of each pattern with the templates of its own candidate orientations.
+
+    ``spec`` (N, R, K) azimuthal spectra of the patterns' descriptors, ``q`` (N, M, 4)
+    candidates; returns (N, M) correlations and best in-plane angles (deg), both refined
+    below the azimuth step (:func:`_refine`).
+    """
+    from scipy import fft
+
+    from . import simulate
+
+    n, m, _ = q.shape
+    xy, inten, _ = simulate.kinematic_spots(
+        refl, Rotation(q.reshape(-1, 4)), kv=kv, max_excitation_error=excitation_error
+    )
+    t = descriptors.template_descriptors(xy, inten, settings).reshape(
+        n, m, settings.n_r, settings.n_theta
+    )
+    c = np.einsum("nrk,nmrk->nmk", spec, np.conj(fft.rfft(t, axis=-1)))
+    return _refine(fft.irfft(c, n=settings.n_theta, axis=-1), settings.n_theta)
+
+
+def refine_orientations(
+    desc: np.ndarray,
+    quaternions: np.ndarray,
+    phase: Phase | str,
+    settings: descriptors.DescriptorSettings,
+    kv: float = 200.0,
+    excitation_error: float = 0.03,
+    steps=REFINE_STEPS,
+    moves: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Refine orientations below the library's step by simulating templates around each one.
+
+    The library samples beam directions every ``resolution`` deg, so a matched orientation
+    is off by up to half a step plus what the pattern's look moves the best template. From
+    each start, templates are simulated (:func:`temlib.simulate.kinematic_spots`) at the
+    eight tilts of ``step`` about the sample x and y axes (the beam direction moves, the
+    in-plane angle is re-found by the FFT correlation each time) and the orientation moves
+    to the best while the correlation rises (at most ``moves`` times per step), then the
+    step halves: a pattern search on the correlation the matcher maximises, with
+    continuous orientations.
+
+    Parameters
+    ----------
+    desc
+        (N, n_r, n_theta) pattern descriptors of one phase.
+    quaternions
+        (N, 4) start orientations (sample -> crystal), e.g. the matcher's best.
+    phase
+        orix phase with structure, or its name.
+    settings, kv
+        Descriptor settings and beam energy (kV) of the templates.
+    excitation_error
+        Relrod half-width (1/Å) of the templates; the map's effective value
+        (:func:`fit_excitation_error`) fits best and refines best.
+    steps, moves
+        Tilt steps (deg, coarse to fine) and moves per step.
+
+    Returns
+    -------
+    quaternions
+        (N, 4) refined orientations (the same beam flip as the start).
+    correlation
+        (N,) their correlation.
+    """
+    from scipy import fft
+
+    from . import simulate
+
+    desc = np.asarray(desc, np.float32)
+    q = np.asarray(quaternions, float).reshape(-1, 4)
+    if desc.ndim != 3 or len(desc) != len(q) or desc.shape[1:] != settings.shape:
+        raise ValueError(
+            f"Descriptors {desc.shape} and orientations {q.shape} do not pair up; expected "
+            f"(N, {settings.n_r}, {settings.n_theta}) and (N, 4)"
+        )
+    if not excitation_error > 0:
+        raise ValueError(f"excitation_error {excitation_error!r} must be > 0 (1/Å)")
+    if len(q) == 0:
+        return q.copy(), np.zeros(0)
+    phase = crystal.get_phase(phase) if isinstance(phase, str) else phase
+    refl = simulate.reflections(phase, g_max=_g_max(settings))
+
+    def part(d_, q_):
+        spec = np.ascontiguousarray(fft.rfft(d_, axis=-1))  # (n, R, K)
+        q_ = q_.copy()
+        c, a = _pair_correlation(spec, q_[:, None], refl, settings, kv, excitation_error)
+        best = c[:, 0]
+        q_ = _qmul(q_, _rz(-np.radians(a[:, 0])))
+        for step in steps:
+            tilt = _tilts(step)
+            active = np.arange(len(q_))
+            for _ in range(moves):
+                cand = _qmul(q_[active, None], tilt[None])
+                c, a = _pair_correlation(spec[active], cand, refl, settings, kv, excitation_error)
+                k = c.argmax(axis=1)
+                ck = c[np.arange(len(active)), k]
+                up = ck > best[active] + 1e-7
+                moved = active[up]
+                q_[moved] = _qmul(cand[up, k[up]], _rz(-np.radians(a[up, k[up]])))
+                best[moved] = ck[up]
+                active = moved
+                if active.size == 0:
+                    break
+        return q_, best
+
+    return _runtime.split_apply(part, desc, q, min_part=32)
+
+
+def fit_excitation_error(
+    desc: np.ndarray,
+    quaternions: np.ndarray,
+    phase: Phase | str,
+    settings: descriptors.DescriptorSettings,
+    kv: float = 200.0,
+    values=EXCITATION_ERRORS,
+    max_patterns: int = 128,
+    rng=0,
+) -> tuple[float, dict]:
+    """The relrod half-width (1/Å) whose templates fit a map's patterns best.
+
+    How far a reflection off the Ewald sphere still shows depends on the foil's thickness
+    (relrods ~ 1 / t) and on precession, which a map does not record; a template drawn
+    with the wrong width moves the best fit away from the true orientation (too narrow:
+    spots at the pattern's rim are missing from the template and the fit tilts to bring
+    them in). Each value is tried on up to ``max_patterns`` of the patterns: their
+    orientations refined (:func:`refine_orientations`) with it, scored by the mean
+    correlation; the best value, refined by a parabola through its neighbours, is returned
+    with the curve ``{"values", "mean_correlation"}``.
+
+    Parameters
+    ----------
+    desc, quaternions
+        (N, n_r, n_theta) descriptors of one phase's patterns and (N, 4) start orientations.
+    phase, settings, kv
+        As in :func:`refine_orientations`.
+    values
+        Relrod half-widths tried (1/Å, increasing).
+    max_patterns
+        Patterns drawn (at random with ``rng``) for the fit.
+    """
+    desc = np.asarray(desc, np.float32)
+    q = np.asarray(quaternions, float).reshape(-1, 4)
+    values = np.asarray(values, float)
+    if len(values) < 3 or np.any(np.diff(values) <= 0) or values[0] <= 0:
+        raise ValueError(
+            f"Relrod widths {values.tolist()} cannot be fitted; expected three or more positive, increasing values"
+        )
+    if len(desc) == 0:
+        raise ValueError("No patterns to fit the relrod width on; expected at least one")
+    rng = np.random.default_rng(rng)
+    pick = np.sort(rng.choice(len(desc), min(max_patterns, len(desc)), replace=False))
+    score = np.array(
+        [
+            refine_orientations(
+                desc[pick], q[pick], phase, settings, kv, v, steps=REFINE_STEPS[:2]
+            )[1].mean()
+            for v in values
+        ]
+    )
+    i = int(score.argmax())
+    best = float(values[i])
+    even = np.allclose(np.diff(values), values[1] - values[0])
+    if even and 0 < i < len(values) - 1:  # parabola through the maximum and its neighbours
+        y0, y1, y2 = score[i - 1 : i + 2]
+        den = y0 - 2 * y1 + y2
+        if den < 0:
+            h = 0.5 * (values[i + 1] - values[i - 1])
+            best = float(values[i] + np.clip(0.5 * (y0 - y2) / den, -0.5, 0.5) * h)
+    return best, {"values": values, "mean_correlation": score}
+
+
+def fit_result_excitation_error(
+    result: MatchResult, desc: np.ndarray, library: Library, min_patterns: int = MIN_FIT_PATTERNS
+) -> dict:
+    """``{phase: relrod half-width (1/Å)}`` fitted (:func:`fit_excitation_error`) on the best
+    solutions of every phase with at least ``min_patterns`` patterns in ``result``."""
+    out = {}
+    for k, pt in enumerate(library.phases):
+        sel = np.flatnonzero(result.phase_index == k)
+        if sel.size >= min_patterns:
+            out[pt.phase.name], _ = fit_excitation_error(
+                desc[sel], result.quaternions[sel, 0], pt.phase, library.settings,
+                kv=library.params["kv"],
+            )  # fmt: skip
+    return out
+
+
+def refine_result(
+    result: MatchResult,
+    desc: np.ndarray,
+    unfolded: np.ndarray,
+    library: Library,
+    excitation_error: dict | None = None,
+) -> MatchResult:
+    """Refine every pattern's best solution below the library step, in place, then its beam flip.
+
+    :func:`refine_orientations` with the phase's relrod half-width from
+    ``excitation_error`` (``{phase: 1/Å}``, e.g. :func:`fit_result_excitation_error`; the
+    library's where missing); ``quaternions[:, 0]`` and ``correlation[:, 0]`` are
+    replaced (``template`` and ``inplane`` still name the library match it started from),
+    then :func:`flip_result` decides the flip with the same relrod.
+    """
+    excitation_error = excitation_error or {}
+    for k, pt in enumerate(library.phases):
+        sel = np.flatnonzero(result.phase_index == k)
+        if sel.size:
+            result.quaternions[sel, 0], result.correlation[sel, 0] = refine_orientations(
+                desc[sel], result.quaternions[sel, 0], pt.phase, library.settings,
+                kv=library.params["kv"],
+                excitation_error=excitation_error.get(
+                    pt.phase.name, library.params["max_excitation_error"]
+                ),
+            )  # fmt: skip
+    return flip_result(result, unfolded, library, excitation_error)
+
+
+def flip_result(
+    result: MatchResult,
+    unfolded: np.ndarray,
+    library: Library,
+    excitation_error: dict | None = None,
+) -> MatchResult:
     """Decide the beam flip of every pattern's best solution in place (:func:`resolve_beam_flip`).
 
     The best solution's quaternion and in-plane angle (then in [0, 360)) are replaced by
     the better of the pair, ``flip_confidence`` is set; the other n-best solutions keep
-    their angle in [0, 180) (their flip is :func:`beam_flip`).
+    their angle in [0, 180) (their flip is :func:`beam_flip`). The templates of the
+    decision have the phase's relrod half-width from ``excitation_error`` (``{phase:
+    1/Å}``), the library's where missing.
     """
+    excitation_error = excitation_error or {}
     conf = np.zeros(len(result))
     for k, pt in enumerate(library.phases):
         sel = np.flatnonzero(result.phase_index == k)
@@ -1076,7 +1344,9 @@ def flip_result(result: MatchResult, unfolded: np.ndarray, library: Library) -> 
             pt.phase,
             library.settings,
             kv=library.params["kv"],
-            max_excitation_error=library.params["max_excitation_error"],
+            max_excitation_error=excitation_error.get(
+                pt.phase.name, library.params["max_excitation_error"]
+            ),
         )
         flipped = np.abs((q1 * q0).sum(-1)) < 0.5  # turned by 180 deg: orthogonal quaternions
         result.quaternions[sel, 0] = q1

@@ -3,7 +3,9 @@
 :func:`index_map` reads any map :func:`temlib.io.load_map` reads (lazily), walks it in
 blocks of ``chunk x chunk`` scan pixels, and for each block finds the direct beams,
 computes the polar descriptors (:mod:`temlib.descriptors`, tuned settings) and matches
-them (:mod:`temlib.match`). Only one block of patterns is in memory at a time.
+them (:mod:`temlib.match`), then refines each best solution below the library step with
+the relrod width fitted once on the map (:func:`temlib.match.refine_result`; ``refine=False``
+keeps the library's orientations). Only one block of patterns is in memory at a time.
 
 With ``out`` given, every finished block is written to ``<out>.parts/`` (one small
 ``.npz`` per block, atomically); a run that is interrupted and started again skips
@@ -76,6 +78,7 @@ def index_patterns(
     classifier=None,
     centers: np.ndarray | None = None,
     n_best: int = 5,
+    refine: bool | dict = False,
 ) -> match.MatchResult:
     """Index a stack of (N, ky, kx) raw patterns with ``method`` (``tm`` or ``ml``).
 
@@ -84,7 +87,17 @@ def index_patterns(
     classifier
         For ``ml``: an object with ``.phases`` (names) and
         ``.predict_proba(patterns, calibration) -> (N, n_phases)``.
+    refine
+        Refine the best solution below the library step (:func:`temlib.match.refine_result`)
+        with ``{phase: relrod half-width}``, or with widths fitted on these patterns (True).
     """
+
+    def finish(res):
+        if refine is False:
+            return match.flip_result(res, unfolded, library)
+        relrod = match.fit_result_excitation_error(res, desc, library) if refine is True else refine
+        return match.refine_result(res, desc, unfolded, library, relrod)
+
     p = np.asarray(patterns)
     if centers is None:
         centers = io.find_direct_beam(p)
@@ -92,9 +105,7 @@ def index_patterns(
         p, calibration, centers, library.settings, unfolded=True
     )
     if method == "tm":
-        return match.flip_result(
-            match.match_descriptors(desc, library, n_best=n_best), unfolded, library
-        )
+        return finish(match.match_descriptors(desc, library, n_best=n_best))
     proba = np.asarray(classifier.predict_proba(p, calibration), float)
     names = list(classifier.phases)
     if proba.shape != (len(p), len(names)):
@@ -103,9 +114,7 @@ def index_patterns(
         )
     pick = proba.argmax(axis=1)
     phase_of = np.array([library.names.index(names[i]) for i in pick])
-    res = match.flip_result(
-        match.match_descriptors(desc, library, n_best=n_best, phase_of=phase_of), unfolded, library
-    )
+    res = finish(match.match_descriptors(desc, library, n_best=n_best, phase_of=phase_of))
     srt = np.sort(proba, axis=1)
     res.phase_reliability = (
         100 * (1 - srt[:, -2] / np.maximum(srt[:, -1], 1e-12))
@@ -117,6 +126,20 @@ def index_patterns(
         scores[:, library.names.index(name)] = proba[:, j]
     res.phase_scores = scores
     return res
+
+
+def _fit_relrod(patterns, calibration, library, classifier=None) -> dict:
+    """``{phase: relrod half-width}`` fitted on patterns (phases from the classifier when given,
+    else from template matching; :func:`temlib.match.fit_result_excitation_error`)."""
+    desc = descriptors.pattern_descriptors(
+        patterns, calibration, io.find_direct_beam(patterns), library.settings
+    )
+    phase_of = None
+    if classifier is not None:
+        pick = np.asarray(classifier.predict_proba(patterns, calibration)).argmax(axis=1)
+        phase_of = np.array([library.names.index(classifier.phases[i]) for i in pick])
+    res = match.match_descriptors(desc, library, n_best=1, phase_of=phase_of)
+    return match.fit_result_excitation_error(res, desc, library)
 
 
 def index_map(
@@ -134,6 +157,7 @@ def index_map(
     settings: descriptors.DescriptorSettings | None = None,
     n_best: int = 5,
     library: match.Library | None = None,
+    refine: bool = True,
 ):
     """Index every pattern of a map; returns an orix ``CrystalMap`` (and writes it when ``out``).
 
@@ -165,6 +189,10 @@ def index_map(
         Solutions kept per pattern.
     library
         A prebuilt :class:`temlib.match.Library` (skips building it; must fit the map's kV).
+    refine
+        Refine every best solution below the library step (:func:`temlib.match.refine_result`)
+        with each phase's relrod half-width fitted once on patterns of four blocks spread over
+        the map (:func:`temlib.match.fit_result_excitation_error`; stored in ``indexing_info``).
     """
     from tqdm.auto import tqdm
 
@@ -182,7 +210,7 @@ def index_map(
             return regress.index_file(
                 map_path_or_signal, method, out=out, models=models, phases=phases,
                 resolution=resolution, chunk=chunk, calibration=calibration, kv=kv,
-                show_progressbar=show_progressbar,
+                show_progressbar=show_progressbar, refine=refine,
             )  # fmt: skip
     if method == "hybrid":
         raise ValueError(
@@ -223,6 +251,23 @@ def index_map(
             raise ValueError(f"Phases {missing} are not in the given library {library.names}")
         library = library.restrict(phases)
     h, w = signal.data.shape[:2]
+    blocks = [(r, c) for r in range(0, h, chunk) for c in range(0, w, chunk)]
+
+    def read(r0, c0):
+        rs, cs = slice(r0, min(r0 + chunk, h)), slice(c0, min(c0 + chunk, w))
+        block = signal.data[rs, cs]
+        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
+        io.check_finite(block, f"map block rows {r0}-{rs.stop}, cols {c0}-{cs.stop}")
+        return block.reshape(-1, *block.shape[2:])
+
+    t0 = time.perf_counter()  # the fit below is part of the run's time
+    relrod = {}
+    if refine:  # the map's relrod widths, from 4 blocks spread over it, 64 patterns of each
+        rng = np.random.default_rng(0)
+        sample = [read(*b) for b in blocks[:: max(1, len(blocks) // 4)][:4]]
+        sample = np.concatenate([p[np.sort(rng.permutation(len(p))[:64])] for p in sample])
+        relrod = _fit_relrod(sample, cal, library, classifier)
+        log.info("relrod half-widths fitted on %d patterns: %s", len(sample), relrod)
     spec = {
         "source": source,
         "shape": list(signal.data.shape),
@@ -236,6 +281,7 @@ def index_map(
         "n_best": n_best,
         "chunk": chunk,
         "beam_flip": "decided on the unfolded descriptor",  # blocks of older runs are redone
+        "refine": {k: round(v, 6) for k, v in relrod.items()} if refine else False,
     }
     key = _key(spec)
     parts = None
@@ -248,14 +294,12 @@ def index_map(
             shutil.rmtree(parts)
         parts.mkdir(exist_ok=True)
         meta.write_text(json.dumps({"key": key, "spec": spec}, indent=2, default=str))
-    blocks = [(r, c) for r in range(0, h, chunk) for c in range(0, w, chunk)]
     done = {
         b for b in blocks if parts is not None and (parts / f"block_{b[0]}_{b[1]}.npz").is_file()
     }
     if done:
         log.info("resuming: %d of %d blocks already indexed", len(done), len(blocks))
     memory: dict = {}
-    t0 = time.perf_counter()
     n_new = 0
     bar = tqdm(
         total=h * w,
@@ -270,11 +314,16 @@ def index_map(
         if (r0, c0) in done:
             bar.update(n_b)
             continue
-        block = signal.data[rs, cs]
-        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
-        io.check_finite(block, f"map block rows {r0}-{rs.stop}, cols {c0}-{cs.stop}")
-        pats = block.reshape(n_b, *block.shape[2:])
-        res = index_patterns(pats, cal, library, method, classifier, n_best=n_best)
+        pats = read(r0, c0)
+        res = index_patterns(
+            pats,
+            cal,
+            library,
+            method,
+            classifier,
+            n_best=n_best,
+            refine=relrod if refine else False,
+        )
         arrays = res.as_dict()
         if parts is not None:
             _save_npz(parts / f"block_{r0}_{c0}.npz", **arrays)
@@ -316,6 +365,7 @@ def index_map(
         "new_patterns": n_new,
         "patterns_per_s": rate,
         "method": method,
+        "excitation_error": relrod,
     }
     return xmap
 
@@ -359,6 +409,11 @@ def _cli_index(parser):
     parser.add_argument(
         "--no-resume", action="store_true", help="start again even if finished blocks exist"
     )
+    parser.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="keep the library's orientations (no refinement below the library step)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(args):
@@ -379,6 +434,7 @@ def _cli_index(parser):
             calibration=args.calibration,
             kv=args.kv,
             n_best=args.n_best,
+            refine=not args.no_refine,
         )
         info = xmap.indexing_info
         fr = {ph.name: float((xmap.phase_id == i).mean()) for i, ph in xmap.phases if i >= 0}

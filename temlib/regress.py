@@ -1370,6 +1370,15 @@ class Models:
         Keyword arguments of :func:`hybrid_refine` per phase (``n_candidates``, ``min_correlation``...).
     kv
         Beam energy (kV) of the templates (also of the beam-flip decision).
+    refine
+        Refine the ``hybrid`` and ``tm`` branches' orientations below the library step
+        (:func:`temlib.match.refine_orientations`).
+    excitation_error
+        ``{phase: relrod half-width (1/Å)}`` of the refinement and the beam-flip decision.
+        A phase missing here gets it fitted (:func:`temlib.match.fit_excitation_error`) on
+        the first call of :func:`index_patterns` with at least :data:`temlib.match.MIN_FIT_PATTERNS`
+        patterns of that phase, then kept: one map (or one acquisition) per ``Models``;
+        until then the descriptor settings' value is used.
     """
 
     phases: list[str]
@@ -1380,6 +1389,8 @@ class Models:
     settings: descriptors.DescriptorSettings
     hybrid: dict = dataclasses.field(default_factory=dict)
     kv: float = 200.0
+    refine: bool = True
+    excitation_error: dict = dataclasses.field(default_factory=dict)
     _local: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def local(self, phase: str) -> LocalTemplates:
@@ -1628,15 +1639,28 @@ def index_patterns(
         res.branch[sel] = np.where(h.fallback, BRANCH_CODES["tm"], BRANCH_CODES["hybrid"])
     for k, ph in enumerate(models.phases):  # every branch: the beam flip from the unfolded pattern
         sel = np.flatnonzero(phase_of == k)
-        if sel.size:
-            res.quaternions[sel], res.flip_confidence[sel] = match.resolve_beam_flip(
-                unfolded[sel],
-                res.quaternions[sel],
-                crystal.get_phase(ph),
-                models.settings,
-                kv=models.kv,
-                max_excitation_error=models.settings.excitation_error,
+        if sel.size == 0:
+            continue
+        refine = models.refine and models.branches.get(ph, "hybrid") != "ml"
+        if refine and ph not in models.excitation_error and sel.size >= match.MIN_FIT_PATTERNS:
+            models.excitation_error[ph], _ = match.fit_excitation_error(
+                desc[sel], res.quaternions[sel], ph, models.settings, kv=models.kv
             )
+            log.info("%s: relrod half-width fitted %.4f 1/Å", ph, models.excitation_error[ph])
+        s_g = models.excitation_error.get(ph, models.settings.excitation_error)
+        if refine:
+            res.quaternions[sel], res.correlation[sel] = match.refine_orientations(
+                desc[sel], res.quaternions[sel], ph, models.settings, kv=models.kv,
+                excitation_error=s_g,
+            )  # fmt: skip
+        res.quaternions[sel], res.flip_confidence[sel] = match.resolve_beam_flip(
+            unfolded[sel],
+            res.quaternions[sel],
+            crystal.get_phase(ph),
+            models.settings,
+            kv=models.kv,
+            max_excitation_error=s_g,
+        )
     return res
 
 
@@ -2335,7 +2359,8 @@ def compare_methods(
         A :class:`temlib.synth.SynthMap` with ground truth.
     methods
         Any of ``"tm"`` (full template matching over every phase, phase by normalised
-        score; :mod:`temlib.match`), ``"ml"``, ``"hybrid"`` (:func:`index_patterns`).
+        score, best solution refined; :mod:`temlib.match`), ``"ml"``, ``"hybrid"``
+        (:func:`index_patterns`).
     models, profile
         Where the regressors (and classifier) are (:func:`load_models`).
     max_patterns
@@ -2356,8 +2381,10 @@ def compare_methods(
         template at least 5 deg away (:func:`temlib.match.truth_margin`), a ceiling for the
         share any template-based method can get right.
     errors
-        ``{method: {"phase_ok", "strict", "flip", "truth"}}`` per pattern, and
-        ``"resolvable"`` (bool per pattern).
+        ``{method: {"phase_ok", "strict", "flip", "truth"}}`` per pattern,
+        ``"resolvable"`` (bool per pattern), ``"excitation_error"`` (``{phase: relrod
+        half-width}`` fitted on these patterns, used by ``tm`` and ``hybrid`` to refine below
+        the library step) and ``"fit_seconds"`` (its time, not in the methods' rates).
     """
     import pandas as pd
 
@@ -2383,6 +2410,15 @@ def compare_methods(
     truth_pid = t["phase_id"].ravel()[idx]
     truth_q = t["quaternions"].reshape(-1, 4)[idx]
     names = list(crystal.STEEL_PHASES)
+    lib = match.build_library(names, kv=kv)
+    desc = descriptors.pattern_descriptors(pats, cal, io.find_direct_beam(pats), lib.settings)
+    # the map's relrod widths, fitted once (as temlib index does) on template matching's answers
+    # and phases, outside the timed runs: every refining method uses them
+    t_fit = time.perf_counter()
+    relrod = match.fit_result_excitation_error(
+        match.match_descriptors(desc, lib, n_best=1), desc, lib
+    )
+    t_fit = time.perf_counter() - t_fit
     if phase_source == "auto":
         clf_dir = (
             Path(models) / "classifier"
@@ -2395,9 +2431,8 @@ def compare_methods(
         if m not in METHODS + ("pyxem",):
             raise ValueError(f"Unknown method {m!r}; expected one of {METHODS}")
         if m == "tm":
-            lib = match.build_library(names, kv=kv)
             c0, t0 = time.process_time(), time.perf_counter()
-            r = match.match_patterns(pats, cal, lib, n_best=1)
+            r = match.match_patterns(pats, cal, lib, n_best=1, refine=relrod)
             timing[m] = (time.process_time() - c0, time.perf_counter() - t0)
             pid = np.array([names.index(lib.names[i]) for i in r.phase_index])
             preds[m] = (pid, r.quaternions[:, 0], "tm scores")
@@ -2411,6 +2446,7 @@ def compare_methods(
             profile=profile,
             missing="tm",
         )
+        mod.excitation_error = dict(relrod)
         phase_of = truth_pid if phase_source == "truth" else None
         index_patterns(
             pats[:8], cal, mod, None if phase_of is None else phase_of[:8]
@@ -2422,21 +2458,19 @@ def compare_methods(
         preds[m] = (pid, r.quaternions, phase_source)
     if pyxem_patterns > 0:
         k = min(pyxem_patterns, len(pats))
-        lib = match.build_library(names, kv=kv)
         r, info = match.pyxem_index(pats[:k], cal, lib)
         pid = np.array([names.index(lib.names[i]) for i in r.phase_index])
         preds["pyxem"] = (pid, r.quaternions[:, 0], "pyxem scores")
         timing["pyxem"] = (np.nan, info["seconds"])
     # the ceiling: pixels whose descriptor fits their true orientation's own template better
     # than every template >= 5 deg away (match.truth_margin)
-    lib = match.build_library(names, kv=kv)
-    desc = descriptors.pattern_descriptors(pats, cal, io.find_direct_beam(pats), lib.settings)
     resolvable = np.zeros(len(pats), bool)
     for j, ph in enumerate(names):
         sel = np.flatnonzero(truth_pid == j)
         if sel.size:
             resolvable[sel] = match.truth_margin(desc[sel], truth_q[sel], lib, ph) > 0
-    rows, errors = [], {"resolvable": resolvable}
+    rows = []
+    errors = {"resolvable": resolvable, "excitation_error": relrod, "fit_seconds": t_fit}
     for m, (pid, q, src) in preds.items():
         k = len(pid)
         ok = pid == truth_pid[:k]
@@ -2482,6 +2516,7 @@ def index_file(
     calibration: float | None = None,
     kv: float | None = None,
     show_progressbar: bool = True,
+    refine: bool = True,
 ):
     """``temlib index MAP --method ml|hybrid``: index a map file with the regressors, write ``out``.
 
@@ -2500,11 +2535,14 @@ def index_file(
         ``data/models/classifier/``). Without a classifier the phase comes from template matching.
     calibration, kv
         Override the map's calibration (1/Å per px) and beam energy (kV).
+    refine
+        :attr:`Models.refine` (the hybrid's and template matching's orientations refined
+        below the library step, relrod widths fitted on the first chunk).
 
     Returns
     -------
     orix ``CrystalMap`` with ``indexing_info`` (``seconds``, ``cpu_seconds``,
-    ``patterns_per_s``, ``new_patterns``, ``method``).
+    ``patterns_per_s``, ``new_patterns``, ``method``, ``excitation_error``).
     """
     from . import io, match
 
@@ -2524,6 +2562,7 @@ def index_file(
         phases = parse_phases(phases) if phases != "all" else list(crystal.STEEL_PHASES)
     beam_kv = kv or io.beam_energy(signal)
     mods = load_models(method, models, phases, classifier="auto", kv=beam_kv, resolution=resolution)
+    mods.refine = refine
     if calibration is not None:
         signal.axes_manager.signal_axes[0].scale = calibration
         signal.axes_manager.signal_axes[1].scale = calibration
@@ -2531,7 +2570,9 @@ def index_file(
     if out is not None:
         match.save_crystal_map(xmap, out)
     h, w = signal.data.shape[:2]
-    xmap.indexing_info = dict(info, new_patterns=h * w, method=method)
+    xmap.indexing_info = dict(
+        info, new_patterns=h * w, method=method, excitation_error=dict(mods.excitation_error)
+    )
     return xmap
 
 

@@ -358,3 +358,55 @@ def test_error_cdf_counts_a_wrong_phase_as_never_within():
     assert a.get_label() == "a (n=4)"
     with pytest.raises(ValueError, match="No errors to plot"):
         plots.error_cdf({})
+
+
+def _tilted(q, deg, rng):
+    """``q`` turned by ``deg`` about a random axis in the sample's x-y plane (the beam direction moves)."""
+    phi = rng.uniform(0, 2 * np.pi, len(q))
+    h = np.radians(deg) / 2
+    t = np.stack(
+        [np.full(len(q), np.cos(h)), np.sin(h) * np.cos(phi), np.sin(h) * np.sin(phi), 0 * phi], -1
+    )
+    return M._qmul(q, t)
+
+
+def test_refinement_recovers_planted_orientations_below_the_library_step(library, rng):
+    q = _rich_orientations("ferrite", 16, rng)
+    pats, _, _ = _render(q, "ferrite", rng)
+    desc = D.pattern_descriptors(pats, 0.02, np.full((len(q), 2), 72.0), ST)
+    start = _tilted(q, 1.0, rng)  # a start one library step (1 deg) off
+    sym = library.phases[0].symmetry
+    q1, corr = M.refine_orientations(desc, start, "ferrite", ST, kv=200, excitation_error=0.05)
+    before = M.misorientation_deg(start, q, sym, modulo_flip=True)
+    after = M.misorientation_deg(q1, q, sym, modulo_flip=True)
+    assert np.allclose(before, 1.0, atol=1e-6)
+    assert np.median(after) < 0.25 and (after < 0.75).mean() >= 0.8, after
+    _, c0 = M.refine_orientations(
+        desc, start, "ferrite", ST, kv=200, excitation_error=0.05, steps=()
+    )
+    assert (corr >= c0 - 1e-6).all()  # the search only ever moves uphill
+
+
+@pytest.mark.parametrize("relrod", [0.025, 0.06])
+def test_fitted_excitation_error_is_the_planted_relrod(relrod, rng):
+    q = _rich_orientations("ferrite", 40, rng)
+    pats, _, _ = _render(q, "ferrite", rng, err=relrod)
+    desc = D.pattern_descriptors(pats, 0.02, np.full((len(q), 2), 72.0), ST)
+    start = _tilted(q, 0.5, rng)
+    value, curve = M.fit_excitation_error(desc, start, "ferrite", ST, kv=200)
+    assert abs(value - relrod) <= 0.006, (value, curve)
+    assert len(curve["mean_correlation"]) == len(M.EXCITATION_ERRORS)
+
+
+def test_refinement_bad_inputs(library):
+    d = np.zeros((2, ST.n_r, ST.n_theta), np.float32)
+    with pytest.raises(ValueError, match="do not pair up"):
+        M.refine_orientations(d, np.tile([1.0, 0, 0, 0], (3, 1)), "ferrite", ST)
+    with pytest.raises(ValueError, match="must be > 0"):
+        M.refine_orientations(d, np.tile([1.0, 0, 0, 0], (2, 1)), "ferrite", ST, excitation_error=0)
+    with pytest.raises(ValueError, match="increasing"):
+        M.fit_excitation_error(
+            d, np.tile([1.0, 0, 0, 0], (2, 1)), "ferrite", ST, values=(0.03, 0.02, 0.04)
+        )
+    with pytest.raises(ValueError, match="No patterns"):
+        M.fit_excitation_error(d[:0], np.zeros((0, 4)), "ferrite", ST)

@@ -420,3 +420,36 @@ def test_goals_table_reads_the_comparison():
     assert g.loc["hybrid median (deg)", "met"] and not g.loc["hybrid fraction < 2 deg", "met"]
     assert g.loc["ML median (deg)", "measured"] == 1.5 and g.loc["ML median (deg)", "met"]
     assert g.loc["resolvable pixels (ceiling), for reference", "measured"] == 0.8
+
+
+def test_index_patterns_fits_the_relrod_and_refines_below_the_library_step(rng):
+    """Patterns drawn with relrods longer than the library's: the hybrid's answers, refined
+    with the relrod fitted on the first chunk, land closer to the planted orientations."""
+    from temlib import match
+
+    st = descriptors.DescriptorSettings(r_min=0.15, excitation_error=0.03)
+    lib = match.build_library(["ferrite"], resolution=1.0, settings=st)
+    refl = simulate.reflections("ferrite", 1.5)
+    q = synth.random_quaternions(4000, rng)
+    xy, inten, _ = simulate.kinematic_spots(refl, Rotation(q), kv=200, max_excitation_error=0.055)
+    r = np.hypot(xy[..., 0], xy[..., 1])
+    rich = ((inten > 0) & (r > st.r_min) & (r < st.r_max)).sum(axis=1) >= 12  # unambiguous ones
+    q_true, xy, inten = q[rich][:48], xy[rich][:48], inten[rich][:48]
+    pats = rng.poisson(descriptors.render_spots(xy, inten, calibration=0.02, gamma=0.5) * 60 + 4)
+    centers = np.full((len(q_true), 2), 72.0)
+    seeds = _Seeds("ferrite", regress.qmul(q_true, _random_rotation(len(q_true), 3.0, rng)))
+    err = {}
+    for refine in (False, True):
+        models = regress.Models(
+            ["ferrite"], {"ferrite": seeds}, None, lib, {"ferrite": "hybrid"}, st, refine=refine
+        )
+        regress.index_patterns(pats[:8], 0.02, models, np.zeros(8, int), centers[:8])
+        assert models.excitation_error == {}  # too few patterns to fit on
+        out = regress.index_patterns(pats, 0.02, models, np.zeros(len(pats), int), centers)
+        err[refine] = regress.disorientation_deg(out.quaternions, q_true, "ferrite")
+    assert abs(models.excitation_error["ferrite"] - 0.055) < 0.01, models.excitation_error
+    assert np.median(err[True]) < 0.6 * np.median(err[False]), (
+        np.median(err[True]),
+        np.median(err[False]),
+    )
+    assert np.median(err[True]) < 0.4
