@@ -263,6 +263,25 @@ def iter_chunks(
         yield (rs, cs), block
 
 
+def spread_sample(
+    signal, chunk: int = 32, n_blocks: int = 4, per_block: int = 64, rng=0
+) -> np.ndarray:
+    """(n, ky, kx) patterns from ``n_blocks`` blocks of ``chunk x chunk`` scan pixels spread
+    evenly through the map's blocks (scan order), ``per_block`` at random from each: a sample
+    of the whole map that reads only a few blocks of a lazy, chunked file."""
+    rng = np.random.default_rng(rng)
+    h, w = signal.data.shape[:2]
+    starts = [(r, c) for r in range(0, h, chunk) for c in range(0, w, chunk)]
+    parts = []
+    for r, c in starts[:: max(1, len(starts) // n_blocks)][:n_blocks]:
+        block = signal.data[r : r + chunk, c : c + chunk]
+        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
+        check_finite(block, f"map block rows {r}-{min(r + chunk, h)}, cols {c}-{min(c + chunk, w)}")
+        block = block.reshape(-1, *block.shape[2:])
+        parts.append(block[np.sort(rng.permutation(len(block))[:per_block])])
+    return np.concatenate(parts)
+
+
 def sample_patterns(signal, n: int = 6, rng=None) -> tuple[np.ndarray, list[str]]:
     """``n`` patterns of a (lazy) map at random scan positions, with "(row, col)" titles."""
     rng = np.random.default_rng(rng)

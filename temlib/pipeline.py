@@ -263,9 +263,7 @@ def index_map(
     t0 = time.perf_counter()  # the fit below is part of the run's time
     relrod = {}
     if refine:  # the map's relrod widths, from 4 blocks spread over it, 64 patterns of each
-        rng = np.random.default_rng(0)
-        sample = [read(*b) for b in blocks[:: max(1, len(blocks) // 4)][:4]]
-        sample = np.concatenate([p[np.sort(rng.permutation(len(p))[:64])] for p in sample])
+        sample = io.spread_sample(signal, chunk)
         relrod = _fit_relrod(sample, cal, library, classifier)
         log.info("relrod half-widths fitted on %d patterns: %s", len(sample), relrod)
     spec = {

@@ -1726,6 +1726,10 @@ def index_map(
     phase_of
         Optional (rows, cols) phase indices into ``models.phases`` (bypasses the classifier).
 
+    With ``models.refine`` (and no ``phase_of``), the relrod widths are fitted first on
+    patterns of four blocks spread over the map (:func:`temlib.io.spread_sample`), not on
+    whatever grains the first block holds.
+
     Returns
     -------
     xmap
@@ -1740,6 +1744,8 @@ def index_map(
     h, w = sig.data.shape[:2]
     res = IndexResult.empty(h * w, models.phases)
     t0, c0 = time.perf_counter(), time.process_time()
+    if models.refine and phase_of is None:  # the relrod widths from a sample of the whole map
+        index_patterns(io.spread_sample(sig, chunk), cal, models)  # (fitted on the first call)
     for (rs, cs), block in io.iter_chunks(sig, chunk, show_progressbar):
         r, c = block.shape[:2]
         idx = (np.arange(h * w).reshape(h, w)[rs, cs]).ravel()
@@ -2537,7 +2543,8 @@ def index_file(
         Override the map's calibration (1/Å per px) and beam energy (kV).
     refine
         :attr:`Models.refine` (the hybrid's and template matching's orientations refined
-        below the library step, relrod widths fitted on the first chunk).
+        below the library step, relrod widths fitted on a sample of the map:
+        :func:`index_map`).
 
     Returns
     -------

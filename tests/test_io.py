@@ -106,6 +106,23 @@ def test_iter_chunks_covers_map(small_map):
     np.testing.assert_array_equal(out, data)
 
 
+def test_spread_sample_draws_from_blocks_across_the_map():
+    import hyperspy.api as hs
+
+    h, w = 10, 12
+    data = np.arange(h * w, dtype=np.float32).reshape(h, w, 1, 1) * np.ones(
+        (1, 1, 3, 3), np.float32
+    )
+    sig = hs.signals.Signal2D(data)
+    out = io.spread_sample(sig, chunk=4, n_blocks=4, per_block=5, rng=1)
+    assert out.shape == (20, 3, 3)
+    pos = out[:, 0, 0].astype(int)
+    blocks = {(p // w // 4, p % w // 4) for p in pos}
+    # 3 x 3 blocks of 4 x 4 pixels, every second one in scan order: (0,0) (0,2) (1,1) (2,0)
+    assert blocks == {(0, 0), (0, 2), (1, 1), (2, 0)}
+    assert len(set(pos)) == 20  # no pixel twice
+
+
 def test_resample_puts_beam_in_middle():
     p = np.zeros((1, 64, 64), np.float32)
     p[0, 30, 35] = 100.0  # direct beam
