@@ -64,8 +64,10 @@ def main(argv=None) -> int:
     )
     rows.append(("front end (beam + descriptors)", "-", wall, cpu, np.nan, np.nan))
     lib = match.build_library(names, kv=kv, settings=st)
-    # the map's relrod widths for the refinement, fitted once (untimed, as on a whole map)
-    desc = descriptors.pattern_descriptors(pats, cal, io.find_direct_beam(pats), st)
+    # the map's relrod widths for the refinement, fitted once (untimed) on blocks spread over
+    # the map, as temlib index does
+    sample = io.spread_sample(sig)
+    desc = descriptors.pattern_descriptors(sample, cal, io.find_direct_beam(sample), st)
     t_fit = time.perf_counter()
     relrod = match.fit_result_excitation_error(
         match.match_descriptors(desc, lib, n_best=1), desc, lib
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     cpu_of = {r[0]: r[3] for r in rows}
     fitted = ", ".join(f"{k} {v:.4f}" for k, v in relrod.items())
     print(
-        f"relrod half-widths fitted once on these patterns (untimed above): {fitted} 1/Å in {t_fit:.1f} s"
+        f"relrod half-widths fitted once on {len(sample)} patterns spread over the map (untimed above): {fitted} 1/Å in {t_fit:.1f} s"
     )
     for hy, tm in (
         ("hybrid", "tm (full search, all phases)"),
