@@ -1647,11 +1647,11 @@ def index_patterns(
                 desc[sel], res.quaternions[sel], ph, models.settings, kv=models.kv
             )
             log.info("%s: relrod half-width fitted %.4f 1/Å", ph, models.excitation_error[ph])
-        s_g = models.excitation_error.get(ph, models.settings.excitation_error)
+        relrod = models.excitation_error.get(ph, models.settings.excitation_error)
         if refine:
             res.quaternions[sel], res.correlation[sel] = match.refine_orientations(
                 desc[sel], res.quaternions[sel], ph, models.settings, kv=models.kv,
-                excitation_error=s_g,
+                excitation_error=relrod,
             )  # fmt: skip
         res.quaternions[sel], res.flip_confidence[sel] = match.resolve_beam_flip(
             unfolded[sel],
@@ -1659,7 +1659,7 @@ def index_patterns(
             crystal.get_phase(ph),
             models.settings,
             kv=models.kv,
-            max_excitation_error=s_g,
+            max_excitation_error=relrod,
         )
     return res
 

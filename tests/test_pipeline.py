@@ -54,6 +54,26 @@ def test_index_map_writes_crystal_map(small_map, library, tmp_path):
     assert np.nanmedian(e["modulo_flip"][ferrite]) < 5
 
 
+def test_refinement_fits_the_relrod_once_and_can_be_switched_off(small_map, library):
+    kw = dict(phases=PHASES, chunk=4, library=library, show_progressbar=False)
+    plain = pipeline.index_map(small_map.folder, refine=False, **kw)
+    refined = pipeline.index_map(small_map.folder, **kw)
+    assert plain.indexing_info["excitation_error"] == {}
+    plain = match.best_only(plain)
+    fit = refined.indexing_info["excitation_error"]
+    assert min(match.EXCITATION_ERRORS) <= fit["ferrite"] <= max(match.EXCITATION_ERRORS)
+    # same phases; refined orientations move by fractions of the library step, not elsewhere
+    refined = match.best_only(refined)
+    same = (plain.phase_id == refined.phase_id) & (plain.phase_id == 0)
+    moved = match.misorientation_deg(
+        plain.rotations.data[same],
+        refined.rotations.data[same],
+        library.phases[0].symmetry,
+        modulo_flip=True,
+    )
+    assert same.sum() >= 32 and np.median(moved) < 1.5 and (moved > 1e-3).mean() > 0.5
+
+
 def test_resume_skips_finished_blocks(small_map, library, tmp_path, monkeypatch):
     out = tmp_path / "res.h5"
     calls = []
