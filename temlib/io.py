@@ -257,10 +257,18 @@ def iter_chunks(
         for c in range(0, w, chunk)
     ]
     for rs, cs in tqdm(blocks, desc=desc, unit="block", disable=not show_progressbar):
-        block = data[rs, cs]
-        block = block.compute() if hasattr(block, "compute") else np.asarray(block)
-        check_finite(block, f"map block rows {rs.start}-{rs.stop}, cols {cs.start}-{cs.stop}")
-        yield (rs, cs), block
+        yield (rs, cs), read_block(signal, rs, cs)
+
+
+def read_block(signal, rows: slice, cols: slice) -> np.ndarray:
+    """The (r, c, ky, kx) patterns of a block of a (lazy) map as a numpy array; non-finite values raise."""
+    block = signal.data[rows, cols]
+    block = np.asarray(block.compute() if hasattr(block, "compute") else block)
+    h, w = signal.data.shape[:2]
+    r0, r1, _ = rows.indices(h)
+    c0, c1, _ = cols.indices(w)
+    check_finite(block, f"map block rows {r0}-{r1}, cols {c0}-{c1}")
+    return block
 
 
 def spread_sample(
@@ -274,9 +282,7 @@ def spread_sample(
     starts = [(r, c) for r in range(0, h, chunk) for c in range(0, w, chunk)]
     parts = []
     for r, c in starts[:: max(1, len(starts) // n_blocks)][:n_blocks]:
-        block = signal.data[r : r + chunk, c : c + chunk]
-        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
-        check_finite(block, f"map block rows {r}-{min(r + chunk, h)}, cols {c}-{min(c + chunk, w)}")
+        block = read_block(signal, slice(r, r + chunk), slice(c, c + chunk))
         block = block.reshape(-1, *block.shape[2:])
         parts.append(block[np.sort(rng.permutation(len(block))[:per_block])])
     return np.concatenate(parts)

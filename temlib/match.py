@@ -1001,11 +1001,9 @@ def match_patterns(
     desc, unfolded = descriptors.pattern_descriptors(
         patterns, calibration, centers, library.settings, unfolded=True
     )
-    res = match_descriptors(desc, library, **kwargs)
-    if refine is False:
-        return flip_result(res, unfolded, library)
-    relrod = fit_result_excitation_error(res, desc, library) if refine is True else refine
-    return refine_result(res, desc, unfolded, library, relrod)
+    return finish_result(
+        match_descriptors(desc, library, **kwargs), desc, unfolded, library, refine
+    )
 
 
 def resolve_beam_flip(
@@ -1315,6 +1313,22 @@ def refine_result(
                 ),
             )  # fmt: skip
     return flip_result(result, unfolded, library, excitation_error)
+
+
+def finish_result(
+    result: MatchResult,
+    desc: np.ndarray,
+    unfolded: np.ndarray,
+    library: Library,
+    refine: bool | dict = False,
+) -> MatchResult:
+    """The beam flip of every best solution (:func:`flip_result`), after refining it below the
+    library step when ``refine`` is a ``{phase: relrod half-width}`` dict or True (widths
+    fitted on these patterns: :func:`fit_result_excitation_error`; :func:`refine_result`)."""
+    if refine is False:
+        return flip_result(result, unfolded, library)
+    relrod = fit_result_excitation_error(result, desc, library) if refine is True else refine
+    return refine_result(result, desc, unfolded, library, relrod)
 
 
 def flip_result(

@@ -92,12 +92,6 @@ def index_patterns(
         with ``{phase: relrod half-width}``, or with widths fitted on these patterns (True).
     """
 
-    def finish(res):
-        if refine is False:
-            return match.flip_result(res, unfolded, library)
-        relrod = match.fit_result_excitation_error(res, desc, library) if refine is True else refine
-        return match.refine_result(res, desc, unfolded, library, relrod)
-
     p = np.asarray(patterns)
     if centers is None:
         centers = io.find_direct_beam(p)
@@ -105,7 +99,8 @@ def index_patterns(
         p, calibration, centers, library.settings, unfolded=True
     )
     if method == "tm":
-        return finish(match.match_descriptors(desc, library, n_best=n_best))
+        res = match.match_descriptors(desc, library, n_best=n_best)
+        return match.finish_result(res, desc, unfolded, library, refine)
     proba = np.asarray(classifier.predict_proba(p, calibration), float)
     names = list(classifier.phases)
     if proba.shape != (len(p), len(names)):
@@ -114,7 +109,8 @@ def index_patterns(
         )
     pick = proba.argmax(axis=1)
     phase_of = np.array([library.names.index(names[i]) for i in pick])
-    res = finish(match.match_descriptors(desc, library, n_best=n_best, phase_of=phase_of))
+    res = match.match_descriptors(desc, library, n_best=n_best, phase_of=phase_of)
+    res = match.finish_result(res, desc, unfolded, library, refine)
     srt = np.sort(proba, axis=1)
     res.phase_reliability = (
         100 * (1 - srt[:, -2] / np.maximum(srt[:, -1], 1e-12))
@@ -253,13 +249,6 @@ def index_map(
     h, w = signal.data.shape[:2]
     blocks = [(r, c) for r in range(0, h, chunk) for c in range(0, w, chunk)]
 
-    def read(r0, c0):
-        rs, cs = slice(r0, min(r0 + chunk, h)), slice(c0, min(c0 + chunk, w))
-        block = signal.data[rs, cs]
-        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
-        io.check_finite(block, f"map block rows {r0}-{rs.stop}, cols {c0}-{cs.stop}")
-        return block.reshape(-1, *block.shape[2:])
-
     t0 = time.perf_counter()  # the fit below is part of the run's time
     relrod = {}
     if refine:  # the map's relrod widths, from 4 blocks spread over it, 64 patterns of each
@@ -312,7 +301,8 @@ def index_map(
         if (r0, c0) in done:
             bar.update(n_b)
             continue
-        pats = read(r0, c0)
+        block = io.read_block(signal, rs, cs)
+        pats = block.reshape(-1, *block.shape[2:])
         res = index_patterns(
             pats,
             cal,
