@@ -433,6 +433,12 @@ def _cli_index(parser):
             f"median reliability {np.median(xmap.prop['reliability']):.1f}; wrote {Path(args.out)} and "
             f"{Path(args.out).with_suffix('.ang')}"
         )
+        relrod = info.get("excitation_error") or {}
+        if relrod:
+            widths = ", ".join(f"{k} {v:.4f}" for k, v in relrod.items())
+            print(
+                f"refined below the library step with the relrod half-widths fitted on the map: {widths} 1/Å"
+            )
         return 0
 
     return run

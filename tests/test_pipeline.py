@@ -186,6 +186,12 @@ def test_cli_index_runs(small_map, tmp_path, capsys, monkeypatch, library):
     assert rc == 0
     out = capsys.readouterr().out
     assert "indexed 64 patterns" in out and (tmp_path / "r.ang").is_file()
+    assert "relrod half-widths fitted on the map: ferrite 0.0" in out
+    rc = cli.main(
+        ["index", str(small_map.folder), "--out", str(tmp_path / "p.h5"), "--phases", "ferrite,NbC"]
+        + ["--quiet", "--no-refine"]
+    )
+    assert rc == 0 and "relrod" not in capsys.readouterr().out
 
 
 def test_split_apply_runs_parts_in_threads_and_keeps_order():
