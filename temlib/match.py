@@ -1159,7 +1159,9 @@ def refine_orientations(
     Returns
     -------
     quaternions
-        (N, 4) refined orientations (the same beam flip as the start).
+        (N, 4) refined orientations. The folded descriptor cannot tell an orientation from
+        its 180 deg turn about the beam, so the flip is whichever the in-plane search met
+        first: decide it again (:func:`resolve_beam_flip`, as :func:`refine_result` does).
     correlation
         (N,) their correlation.
     """
