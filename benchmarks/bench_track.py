@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     print(
         f"detection + tracking, {args.frames} frames 1024x1024 (median {n_true:.0f} defects/frame), "
         f"{nt} threads, imgsz {imgsz[rows[0][1]]}; load average {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} cores (wall times are clean only near load {nt})"
+        f"{os.cpu_count()} cores (wall times are clean only near load {nt}); CPU: {_runtime.cpu_isa()}"
     )
     peer = next((r for r in rows if r[1] == "pt"), None)
     print(

@@ -368,3 +368,19 @@ def test_evaluate_swelling_error_mean_and_median():
     np.testing.assert_allclose(ev["swelling_true"], [s1, s2, s1])
     np.testing.assert_allclose(ev["swelling_error"], (s2 - s1) / 3)
     assert ev["swelling_error_median"] == 0.0
+
+
+def test_cpu_isa_reads_the_flags_that_decide_inference_speed(tmp_path):
+    from temlib import _runtime
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\n"
+        "flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n\nprocessor\t: 1\n"
+    )
+    assert _runtime.cpu_isa(info) == "avx512_vnni avx512f avx2"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert _runtime.cpu_isa(info) == "avx2"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2\n")
+    assert _runtime.cpu_isa(info) == "no avx2"
+    assert _runtime.cpu_isa(tmp_path / "absent") == "unknown"
