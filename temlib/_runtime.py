@@ -45,7 +45,7 @@ _ISA = ("amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2")
 
 
 def cpu_isa(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The CPU's vector extensions that matter for inference speed, e.g. ``"avx512_vnni avx2"``.
+    """The CPU's vector extensions that matter for inference speed, e.g. ``"avx512_vnni avx512f avx2"``.
 
     Read from ``cpuinfo`` (Linux); ``"unknown"`` where it cannot be read. Benchmarks print it: an INT8
     model runs several times faster with VNNI / AMX than with AVX2 alone.
