@@ -40,7 +40,8 @@ def n_threads() -> int:
 
 
 # vector extensions that decide CPU inference speed, best first (INT8 YOLO at 1024 px, notebook 07:
-# 27-49 ms per frame on an EPYC with AVX-512 VNNI, 137 ms on one with AVX2 only)
+# 27-49 ms per frame on an EPYC with AVX-512 VNNI in sessions 22-27, 137 ms on one with AVX2 only
+# in session 29)
 _ISA = ("amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2")
 
 
